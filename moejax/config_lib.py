@@ -1,0 +1,335 @@
+"""Default config, validation with one-line errors, and the memory pre-flight.
+
+Every config file in configs/ starts from `default_config()` and changes values, so every key the
+code reads is defined here, once. `validate` runs before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+from moejax import sharding
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+DISPATCHES = ("capacity",)
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A user-fixable configuration error; the message names the key, the value and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The schema: every key any moejax code reads, with CPU-friendly defaults."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 4096  # also the sentencepiece vocabulary size
+  m.num_layers = 4
+  m.d_model = 256
+  m.num_heads = 4
+  m.head_dim = 0  # 0 = d_model // num_heads
+  m.d_ff = 1024
+  m.activation = "gelu"
+  m.moe_every = 2  # layer i is MoE when (i + 1) % moe_every == 0; 0 = dense model
+  m.dtype = "float32"  # compute dtype; parameters and router math stay float32
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.init_std = 0.02
+
+  m.moe = moe = ml_collections.ConfigDict()
+  moe.router = "switch"
+  moe.dispatch = "capacity"
+  moe.num_experts = 8
+  moe.top_k = 1
+  moe.capacity_factor = 1.25
+  moe.eval_capacity_factor = 2.0
+  moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
+  moe.d_expert = 0  # expert hidden size; 0 = model.d_ff
+  moe.jitter_eps = 0.0
+  moe.normalize_top_k = False
+  moe.router_init_std = 0.02
+  moe.aux_loss_weights = ml_collections.ConfigDict(
+    {"load_balance_loss": 1e-2, "router_z_loss": 1e-3}
+  )
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "shakespeare"  # or comma-separated globs of .txt / .jsonl files
+  d.jsonl_field = "text"
+  d.val_fraction = 0.05
+  d.eval_batches = 8
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.batch_size = 32
+  t.seq_len = 128
+  t.log_every = 20
+  t.eval_every = 250
+  t.checkpoint_every = 250
+  t.keep_checkpoints = 3
+  t.seed = 0
+  t.memory_limit_gib = 0.0  # 0 = detect the device's memory
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 1e-3
+  o.warmup_steps = 100
+  o.end_lr_ratio = 0.1
+  o.weight_decay = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.grad_clip = 1.0
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.expert = 1
+  ms.tensor = 1
+  # Logical axis -> comma-separated mesh axes ('' = replicated); see moejax/sharding.py.
+  ms.rules = ml_collections.ConfigDict(
+    {name: ",".join(axes) for name, axes in sharding.DEFAULT_RULES.items()}
+  )
+  return c
+
+
+def rules_from_config(mesh_cfg) -> dict[str, tuple[str, ...]]:
+  return {k: tuple(a for a in v.split(",") if a) for k, v in mesh_cfg.rules.items()}
+
+
+def _keys(cfg, prefix=""):
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _keys(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}"
+
+
+def _get(cfg, key):
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with the (at most one) -1 axis filled with the remaining devices."""
+  shape = {a: int(mesh_cfg[a]) for a in sharding.MESH_AXES}
+  fill = [a for a, n in shape.items() if n == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh: at most one axis may be -1, got {fill}; set the others to sizes")
+  for a, n in shape.items():
+    if n == 0 or n < -1:
+      raise ConfigError(f"mesh.{a}={n}: must be a positive size or -1 (= the remaining devices)")
+  fixed = math.prod(n for n in shape.values() if n != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(
+        f"mesh: the fixed axes {shape} use {fixed} devices, which does not divide the "
+        f"{num_devices} available; choose sizes whose product divides {num_devices}"
+      )
+    shape[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(
+      f"mesh {shape} needs {fixed} devices but {num_devices} are available; "
+      f"make the product {num_devices} or set one axis to -1"
+    )
+  return shape
+
+
+def validate(cfg, num_devices: int) -> dict[str, int]:
+  """Checks every value a user can get wrong; returns the resolved mesh shape.
+
+  Raises:
+    ConfigError: one line naming the key, the value given and what would be valid.
+  """
+  from moejax.model import routers  # local: routers are a model concern, the registry a list
+
+  unknown = sorted(set(_keys(cfg)) - set(_keys(default_config())) - _rule_keys(cfg))
+  if unknown:
+    raise ConfigError(f"unknown config keys {unknown}; see moejax/config_lib.py for valid keys")
+  missing = sorted(set(_keys(default_config())) - set(_keys(cfg)))
+  if missing:
+    raise ConfigError(f"config is missing keys {missing}; start from config_lib.default_config()")
+
+  positive = [
+      "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
+      "model.moe.num_experts", "model.moe.top_k", "model.moe.group_size", "train.steps",
+      "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
+      "train.checkpoint_every", "train.keep_checkpoints", "data.eval_batches",
+  ]  # fmt: skip
+  for key in positive:
+    if _get(cfg, key) <= 0:
+      raise ConfigError(f"{key}={_get(cfg, key)}: must be a positive integer")
+  for key in ("model.head_dim", "model.moe.d_expert", "model.moe_every"):
+    if _get(cfg, key) < 0:
+      raise ConfigError(f"{key}={_get(cfg, key)}: must be >= 0 (0 = default)")
+  m, moe, t = cfg.model, cfg.model.moe, cfg.train
+  _one_of("model.activation", m.activation, ACTIVATIONS)
+  _one_of("model.dtype", m.dtype, DTYPES)
+  _one_of("model.moe.dispatch", moe.dispatch, DISPATCHES)
+  _one_of("model.moe.router", moe.router, tuple(sorted(routers.ROUTERS)))
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(
+      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+      "change one or set model.head_dim"
+    )
+  if moe.top_k > moe.num_experts:
+    raise ConfigError(
+      f"model.moe.top_k={moe.top_k} > model.moe.num_experts={moe.num_experts}; "
+      f"use top_k in 1..{moe.num_experts}"
+    )
+  for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
+    if _get(cfg, key) <= 0:
+      raise ConfigError(f"{key}={_get(cfg, key)}: must be > 0 (Switch uses 1.25, eval 2.0)")
+  if not 0 < cfg.data.val_fraction < 1:
+    raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in (0, 1), e.g. 0.05")
+  if cfg.optim.learning_rate <= 0:
+    raise ConfigError(f"optim.learning_rate={cfg.optim.learning_rate}: must be > 0")
+  if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
+    raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0 (0 = off)")
+  unknown_w = sorted(set(moe.aux_loss_weights) - set(routers.AUX_LOSSES))
+  if unknown_w:
+    raise ConfigError(
+      f"model.moe.aux_loss_weights has unknown losses {unknown_w}; known: {routers.AUX_LOSSES}"
+    )
+  tokens = t.batch_size * t.seq_len
+  if tokens % moe.group_size:
+    raise ConfigError(
+      f"model.moe.group_size={moe.group_size} does not divide train.batch_size * train.seq_len"
+      f" = {tokens}; use a divisor such as {math.gcd(tokens, moe.group_size)} or {t.seq_len}"
+    )
+
+  rules = rules_from_config(cfg.mesh)
+  for name, axes in rules.items():
+    bad = [a for a in axes if a not in sharding.MESH_AXES]
+    if bad:
+      raise ConfigError(f"mesh.rules.{name}={cfg.mesh.rules[name]!r}: unknown mesh axes {bad}; "
+                        f"use a comma-separated subset of {sharding.MESH_AXES}")  # fmt: skip
+  shape = resolve_mesh_shape(cfg.mesh, num_devices)
+  if moe.num_experts % shape["expert"]:
+    raise ConfigError(
+      f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert="
+      f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
+    )
+  batch_shards = math.prod(shape[a] for a in rules["batch"])
+  if t.batch_size % batch_shards:
+    raise ConfigError(
+      f"train.batch_size={t.batch_size} is not divisible by the {batch_shards} devices the batch"
+      f" is split over (mesh axes {rules['batch']} of {shape}); use a multiple of {batch_shards}"
+    )
+  return shape
+
+
+def _rule_keys(cfg) -> set[str]:
+  # Users may add rules for new logical names; they are checked against mesh axes above.
+  return {f"mesh.rules.{k}" for k in cfg.mesh.rules}
+
+
+def _one_of(key, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory pre-flight
+# ---------------------------------------------------------------------------------------------
+
+
+def device_memory_bytes(device) -> tuple[int, str]:
+  """Memory one device may use, and where the number came from."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without stats raise various errors
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform} bytes_limit"
+  # CPU devices share the host's memory.
+  import jax
+
+  avail = _meminfo_bytes("MemAvailable")
+  n = max(1, jax.local_device_count())
+  return avail // n, f"host MemAvailable / {n} local devices"
+
+
+def _meminfo_bytes(field: str) -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_memory_bytes(params, cfg, mesh_shape: dict[str, int]) -> dict[str, float]:
+  """Bytes per device for one training step, before anything is compiled.
+
+  Args:
+    params: pytree of `jax.ShapeDtypeStruct` carrying `NamedSharding`s (the abstract parameters).
+    cfg: the validated config.
+    mesh_shape: resolved mesh axis sizes.
+
+  Returns:
+    dict with `params`, `optimizer` (AdamW: two float32 moments, sharded like the parameters),
+    `gradients`, `activations` and `total`, all bytes per device. The activation term is an
+    estimate of what backprop keeps per layer, per device-local token, float32:
+      attention ~ 10*D + 2*H*L (q, k, v, out, norms, residuals; scores and probabilities),
+      dense MLP ~ 2*D + 3*F, MoE ~ 4*D + cf*K*(2*D + 3*F_expert) + 4*E (buffers, hidden, router),
+    plus logits ~ 3*V per token (logits, log-softmax, gradient).
+  """
+  import jax  # local: config_lib stays importable without a backend
+
+  def per_device(x) -> float:
+    shards = 1
+    spec = getattr(x.sharding, "spec", ())
+    for part in spec:
+      for axis in (part if isinstance(part, tuple) else (part,)) if part else ():
+        shards *= mesh_shape[axis]
+    return x.size * x.dtype.itemsize / shards
+
+  param_bytes = sum(per_device(x) for x in jax.tree.leaves(params))
+  m, moe, t = cfg.model, cfg.model.moe, cfg.train
+  rules = rules_from_config(cfg.mesh)
+  batch_shards = math.prod(mesh_shape[a] for a in rules["batch"])
+  tokens = t.batch_size * t.seq_len / batch_shards
+  d, f, v, e = m.d_model, m.d_ff, m.vocab_size, moe.num_experts
+  f_exp = moe.d_expert or f
+  num_moe = m.num_layers // m.moe_every if m.moe_every else 0
+  per_token = m.num_layers * (10 * d + 2 * m.num_heads * t.seq_len)
+  per_token += (m.num_layers - num_moe) * (2 * d + 3 * f)
+  per_token += num_moe * (4 * d + moe.capacity_factor * moe.top_k * (2 * d + 3 * f_exp) + 4 * e)
+  per_token += 3 * v
+  act_bytes = 4 * tokens * per_token
+  est = {
+    "params": param_bytes,
+    "optimizer": 2 * param_bytes * 4 / max(1, _mean_itemsize(params)),
+    "gradients": param_bytes,
+    "activations": act_bytes,
+  }
+  est["total"] = sum(est.values())
+  return est
+
+
+def _mean_itemsize(params) -> float:
+  import jax
+
+  leaves = jax.tree.leaves(params)
+  total = sum(x.size for x in leaves)
+  return sum(x.size * x.dtype.itemsize for x in leaves) / max(1, total)
+
+
+def check_memory(estimate: dict[str, float], limit_bytes: float, source: str, mesh_shape) -> None:
+  """Stops with the numbers and what to do when the estimate exceeds the device's memory."""
+  if estimate["total"] <= limit_bytes:
+    return
+  gib = lambda b: f"{b / 2**30:.1f} GiB"
+  parts = ", ".join(f"{k} {gib(v)}" for k, v in estimate.items() if k != "total")
+  raise MemoryError(
+    f"memory pre-flight: this config needs ~{gib(estimate['total'])} per device ({parts}) but "
+    f"a device has {gib(limit_bytes)} ({source}) on mesh {mesh_shape}; use a smaller preset "
+    "(e.g. `--config configs/switch_base.py:tiny`), a smaller train.batch_size, or a bigger mesh "
+    "(more devices on mesh.expert / mesh.fsdp); override the limit with train.memory_limit_gib"
+  )

@@ -1,0 +1,253 @@
+"""The input pipeline: grain source -> tokenize -> pack -> split -> shuffle/batch -> shard.
+
+Dimension letters: B batch (global), b rows of this process, L sequence length.
+
+The whole corpus is tokenized once into one stream (documents each followed by eos), cut into
+non-overlapping blocks of L + 1 tokens (inputs are a block's first L tokens, targets its last L),
+and the blocks are split into train and validation by position. Training batches come from a
+grain `MapDataset` over block indices: shuffled with a seed, repeated forever (each epoch with a
+new permutation), batched to the global batch, and only then cut to this process's rows, so
+the global batch does not depend on the number of processes and the iterator state is a single
+integer that resumes to the identical next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from moejax.data import sources
+from moejax.data import tokenizer as tokenizer_lib
+
+# Bounded prefetch: grain's default (500 batches) would hold gigabytes of large global batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+@dataclasses.dataclass
+class Dataset:
+  """A tokenized corpus ready for training.
+
+  Attributes:
+    tokenizer: the tokenizer that produced the blocks.
+    train_blocks: int32[num_train, L + 1] training blocks.
+    val_blocks: int32[num_val, L + 1] held-out blocks (none shared with train).
+    unigram_entropy_nats: entropy of the train token distribution; a model that ignores
+      context can at best reach perplexity exp(unigram_entropy_nats).
+  """
+
+  tokenizer: tokenizer_lib.Tokenizer
+  train_blocks: np.ndarray
+  val_blocks: np.ndarray
+  unigram_entropy_nats: float
+
+
+def build_dataset(
+  *,
+  source: str,
+  workdir: str,
+  vocab_size: int,
+  seq_len: int,
+  val_fraction: float,
+  jsonl_field: str = "text",
+) -> Dataset:
+  """Loads, tokenizes (cached in `workdir`), packs and splits the corpus named by `source`.
+
+  The tokenizer lives at `workdir/tokenizer.model` and the token stream at
+  `workdir/tokens_<hash>.npy` (hash of the source, the documents, the field and the tokenizer),
+  both written atomically, so a restart neither retrains nor re-tokenizes.
+  """
+  documents = sources.load_documents(source, jsonl_field=jsonl_field)
+  tokenizer = tokenizer_lib.load_or_train(
+    os.path.join(workdir, "tokenizer.model"), documents, vocab_size
+  )
+  digest = hashlib.sha256()
+  for part in (source, jsonl_field, str(vocab_size)):
+    digest.update(part.encode("utf-8") + b"\0")
+  digest.update(tokenizer.model_proto)
+  for document in documents:
+    digest.update(document.encode("utf-8") + b"\0")
+  cache_path = os.path.join(workdir, f"tokens_{digest.hexdigest()[:16]}.npy")
+  if os.path.exists(cache_path):
+    tokens = np.load(cache_path)
+    logging.info("Loaded %d cached tokens from %s.", tokens.size, cache_path)
+  else:
+    start = time.perf_counter()
+    tokens = tokenize_documents(documents, tokenizer)
+    logging.info(
+      "Tokenized %d documents (%d characters) into %d tokens in %.2f s.",
+      len(documents),
+      sum(len(d) for d in documents),
+      tokens.size,
+      time.perf_counter() - start,
+    )
+    _save_atomically(cache_path, tokens)
+  blocks = pack_blocks(tokens, seq_len)
+  train_blocks, val_blocks = split_blocks(blocks, val_fraction)
+  entropy = unigram_entropy(train_blocks)
+  logging.info(
+    "Data: %d train and %d val blocks of %d+1 tokens; unigram entropy %.3f nats "
+    "(context-free perplexity %.1f).",
+    len(train_blocks),
+    len(val_blocks),
+    seq_len,
+    entropy,
+    np.exp(entropy),
+  )
+  return Dataset(tokenizer, train_blocks, val_blocks, entropy)
+
+
+def tokenize_documents(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
+  """One int32 token stream: every document's tokens followed by eos, in document order."""
+  eos_id = tokenizer.eos_id
+
+  def encode(document: str) -> np.ndarray:
+    ids = tokenizer.encode(document)
+    ids.append(eos_id)
+    return np.asarray(ids, dtype=np.int32)
+
+  # sentencepiece releases the GIL while encoding, so threads tokenize in parallel.
+  threads = max(1, min(os.cpu_count() or 1, 16))
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+  encoded = grain.MapDataset.source(documents).map(encode).to_iter_dataset(read_options)
+  parts = list(encoded)
+  return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+
+def pack_blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+  """Cuts the stream into consecutive, non-overlapping int32[num_blocks, seq_len + 1] blocks.
+
+  The remainder (fewer than seq_len + 1 tokens) is dropped.
+  """
+  if seq_len < 1:
+    raise ValueError(f"seq_len={seq_len} must be >= 1.")
+  tokens = np.asarray(tokens, dtype=np.int32)
+  num_blocks = tokens.size // (seq_len + 1)
+  return tokens[: num_blocks * (seq_len + 1)].reshape(num_blocks, seq_len + 1)
+
+
+def split_blocks(blocks: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """Splits blocks into (train, val): every round(1 / val_fraction)-th block is validation.
+
+  The held-out blocks are spread evenly over the whole corpus, so both sides come from the same
+  distribution, and no block is on both sides.
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(
+      f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.05 to hold out 1 block in 20."
+    )
+  period = max(1, round(1.0 / val_fraction))
+  is_val = np.arange(len(blocks)) % period == period - 1
+  train_blocks, val_blocks = blocks[~is_val], blocks[is_val]
+  if len(train_blocks) == 0 or len(val_blocks) == 0:
+    raise ValueError(
+      f"splitting {len(blocks)} blocks of {blocks.shape[1]} tokens with "
+      f"val_fraction={val_fraction} leaves {len(train_blocks)} train and {len(val_blocks)} val "
+      "blocks: use a smaller train.seq_len, more data, or a val_fraction that keeps both sides."
+    )
+  return train_blocks, val_blocks
+
+
+def train_iterator(
+  train_blocks: np.ndarray,
+  *,
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
+  """An endless iterator of this process's rows of shuffled global training batches.
+
+  Each element is {"inputs": int32[b, L], "targets": int32[b, L]} with b = B / process_count,
+  the rows [process_index * b, (process_index + 1) * b) of global batch B; concatenating the
+  processes' rows in order gives the single-process batch. Each epoch is a new permutation;
+  a batch can straddle two epochs. `get_state()` is a JSON-serialisable dict and
+  `set_state(state)` resumes at the identical next batch.
+  """
+  local_batch = _local_batch_size(global_batch, process_index, process_count)
+  if len(train_blocks) < global_batch:
+    logging.warning(
+      "Only %d train blocks for a global batch of %d: blocks repeat within a batch.",
+      len(train_blocks),
+      global_batch,
+    )
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  dataset = (
+    grain.MapDataset.source(range(len(train_blocks)))
+    .shuffle(seed=seed)
+    .repeat(None)
+    .batch(global_batch, drop_remainder=True)  # int[B] block indices
+    .map(lambda indices: _inputs_and_targets(train_blocks[indices[rows]]))
+  )
+  return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+
+
+def eval_batches(
+  val_blocks: np.ndarray,
+  *,
+  global_batch: int,
+  num_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+  """The first min(num_batches, available) full validation batches, this process's rows.
+
+  Deterministic (blocks in order, no shuffling); same row split as `train_iterator`.
+  """
+  local_batch = _local_batch_size(global_batch, process_index, process_count)
+  available = len(val_blocks) // global_batch
+  if available == 0 or num_batches < 1:
+    raise ValueError(
+      f"{len(val_blocks)} validation blocks do not make one full batch of global_batch="
+      f"{global_batch} (num_batches={num_batches}): raise data.val_fraction, lower the "
+      "eval batch size or train.seq_len, or use more data."
+    )
+  batches = []
+  for i in range(min(num_batches, available)):
+    start = i * global_batch + process_index * local_batch
+    batches.append(_inputs_and_targets(val_blocks[start : start + local_batch]))
+  return batches
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+  """Entropy in nats of the token frequency distribution of `tokens` (any shape)."""
+  counts = np.bincount(np.asarray(tokens).ravel())
+  probs = counts[counts > 0] / counts.sum()
+  return float(-(probs * np.log(probs)).sum())
+
+
+def _inputs_and_targets(blocks: np.ndarray) -> dict[str, np.ndarray]:
+  """int32[b, L + 1] blocks -> inputs = block[:, :-1], targets = block[:, 1:]."""
+  return {
+    "inputs": np.ascontiguousarray(blocks[:, :-1], dtype=np.int32),
+    "targets": np.ascontiguousarray(blocks[:, 1:], dtype=np.int32),
+  }
+
+
+def _local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
+  if global_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f"bad batch sharding: global_batch={global_batch}, process_index={process_index}, "
+      f"process_count={process_count}; need global_batch >= 1 and 0 <= index < count."
+    )
+  if global_batch % process_count:
+    raise ValueError(
+      f"global_batch={global_batch} is not divisible by process_count={process_count}: "
+      "set the batch size to a multiple of the number of processes."
+    )
+  return global_batch // process_count
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temp_path = f"{path}.tmp-{uuid.uuid4().hex}"  # Unique across hosts.
+  with open(temp_path, "wb") as f:
+    np.save(f, array)
+  os.replace(temp_path, path)

@@ -1,0 +1,146 @@
+"""Token-choice top-k routing: Switch Transformer (k=1) and general top-k (k>1).
+
+Each token picks the k experts with the largest router probability p = softmax(x W)
+(Switch Transformer, Fedus et al. 2021; GShard / ST-MoE for k>1, Zoph et al. 2022).
+
+Design choices:
+- Gate value = p at the chosen expert, not renormalised for k=1 (the gradient reaches the router
+  through it); for k>1 renormalising over the chosen k (Mixtral, Qwen) is an option.
+- Pairs are ordered choice-rank-major: all first choices in token order, then all second
+  choices, ... so that under capacity pressure a token's first choice beats any second choice.
+- Router math is float32 whatever the activation dtype (ST-MoE: bfloat16 routers are unstable).
+- Aux losses: Switch load balancing from the choices before any capacity dropping (indicator
+  "i among the chosen" for k>1), and the ST-MoE z-loss.
+- Optional multiplicative jitter U[1-eps, 1+eps] on the router input at training time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.model.routers import base
+from moejax.ops import aux_losses
+
+
+def route_top_k(
+  logits_se: jax.Array, *, top_k: int, normalize_weights: bool = False
+) -> base.SparseRouting:
+  """Token-choice top-k routing of one group.
+
+  Args:
+    logits_se: float[S, E] router logits (computed in float32).
+    top_k: k, experts per token, 1 <= k <= E.
+    normalize_weights: renormalise the k gate values of each token to sum to 1.
+
+  Returns:
+    SparseRouting with N = S*k pairs; pair r*S + s is token s's (r+1)-th choice.
+    aux_losses: load_balance_loss, router_z_loss (float32 scalars).
+    metrics: expert_load float32[E] (fraction of the S*k choices per expert, before dropping),
+      router_entropy (float32 scalar).
+  """
+  num_tokens, num_experts = logits_se.shape
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+  logits_se = logits_se.astype(jnp.float32)
+  probs_se = jax.nn.softmax(logits_se, axis=-1)
+  # Shape: [S, K], choices sorted by decreasing probability.
+  gate_sk, expert_sk = jax.lax.top_k(probs_se, top_k)
+  if normalize_weights:
+    gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
+
+  # [S, K] -> [K, S] -> [N]: choice-rank-major pair order.
+  expert_n = expert_sk.T.reshape(-1).astype(jnp.int32)
+  weight_n = gate_sk.T.reshape(-1)
+  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
+  valid_n = jnp.ones((num_tokens * top_k,), dtype=bool)
+
+  # The k chosen experts of a token are distinct, so the sum over K is a 0/1 indicator.
+  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  losses = {
+    "load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se),
+    "router_z_loss": aux_losses.router_z_loss(logits_se),
+  }
+  metrics = {
+    "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
+    "router_entropy": aux_losses.router_entropy(probs_se),
+  }
+  return base.SparseRouting(
+    token_index=token_n,
+    expert_index=expert_n,
+    combine_weight=weight_n,
+    valid=valid_n,
+    aux_losses=losses,
+    metrics=metrics,
+  )
+
+
+class TopKRouter(nnx.Module):
+  """Linear router + token-choice top-k over G groups (Switch when top_k=1)."""
+
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    rngs: nnx.Rngs,
+    jitter_eps: float = 0.0,
+    normalize_weights: bool = False,
+    init_std: float = 0.02,
+  ):
+    """Builds the router.
+
+    Args:
+      d_model: D.
+      num_experts: E.
+      top_k: k, experts per token.
+      rngs: provides the `params` stream for the kernel init.
+      jitter_eps: training-time multiplicative noise U[1-eps, 1+eps] on the router input; 0 off.
+      normalize_weights: renormalise each token's k gate values to sum to 1.
+      init_std: standard deviation of the normal kernel init (small: near-uniform routing).
+    """
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+    if not 0.0 <= jitter_eps < 1.0:
+      raise ValueError(f"{jitter_eps=} must be in [0, 1)")
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.jitter_eps = jitter_eps
+    self.normalize_weights = normalize_weights
+    init = jax.nn.initializers.normal(stddev=init_std)
+    # Shape: [D, E]; experts are few, so the E axis stays replicated.
+    self.kernel = nnx.Param(
+      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
+    )
+
+  def __call__(
+    self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
+  ) -> base.SparseRouting:
+    """Routes every group.
+
+    Args:
+      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
+      train: whether jitter applies.
+      rng: PRNG key for the jitter; may be None when jitter is off or not training.
+
+    Returns:
+      SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics.
+    """
+    x_gsd = x_gsd.astype(jnp.float32)
+    if train and self.jitter_eps > 0:
+      if rng is None:
+        raise ValueError(f"TopKRouter with jitter_eps={self.jitter_eps} needs an rng to train")
+      eps = self.jitter_eps
+      x_gsd = x_gsd * jax.random.uniform(rng, x_gsd.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    # HIGHEST: keep the router matmul in true float32 where the default would use bf16/TF32.
+    logits_gse = jnp.einsum(
+      "gsd,de->gse", x_gsd, self.kernel[...], precision=jax.lax.Precision.HIGHEST
+    )
+    route = functools.partial(
+      route_top_k, top_k=self.top_k, normalize_weights=self.normalize_weights
+    )
+    return base.average_over_groups(jax.vmap(route)(logits_gse))

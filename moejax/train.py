@@ -1,0 +1,246 @@
+r"""Train an MoE language model.
+
+  python -m moejax.train --config configs/switch_base.py:tiny --workdir /tmp/run \
+      [--config.model.moe.router=top_k --config.train.steps=500 ...]
+
+Reads top to bottom in the order data flows: Config, Mesh, Model + optimizer (abstract),
+Memory pre-flight, Data, Init, Step, Restore, Loop. A rerun with the same workdir resumes from
+the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from moejax import checkpoint, config_lib, optim, sharding, train_step
+from moejax import mesh as mesh_lib
+from moejax import metrics as metrics_lib
+from moejax.data import pipeline
+from moejax.model.transformer import Transformer
+
+
+def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int | None = None):
+  """Trains (or resumes) the run in `workdir`; returns a summary with per-step losses.
+
+  Args:
+    cfg: a config from configs/ (validated here).
+    workdir: run directory; an existing checkpoint there is resumed.
+    devices: the devices of the mesh (default: all).
+    progress: show a progress bar.
+    stop_at: stop (with a checkpoint) after this step, as if interrupted; the learning-rate
+      schedule still follows `train.steps`.
+  """
+  # ---------------------------------------------------------------- Config
+  devices = jax.devices() if devices is None else list(devices)
+  mesh_shape = config_lib.validate(cfg, len(devices))
+  rules = config_lib.rules_from_config(cfg.mesh)
+  t = cfg.train
+  os.makedirs(workdir, exist_ok=True)
+  is_writer = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- Mesh
+  mesh = mesh_lib.make_mesh(mesh_shape, devices)
+  logging.info("mesh %s over %d devices (%s)", mesh_shape, len(devices), devices[0].platform)
+
+  # ---------------------------------------------------------------- Model + optimizer (abstract)
+  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(t.seed)))
+  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+  param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
+  rest_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_rest, mesh, rules))
+  optimizer = optim.make_optimizer(cfg.optim, t.steps)
+  schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
+
+  def init_state():
+    model = Transformer(cfg.model, rngs=nnx.Rngs(t.seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return train_step.new_train_state(
+      nnx.to_pure_dict(params), nnx.to_pure_dict(rest), optimizer, t.seed
+    )
+
+  abs_state = jax.eval_shape(init_state)
+  state_shardings = _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh)
+  abs_state = checkpoint.abstract_like(abs_state, state_shardings)
+  num_params = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
+
+  # ---------------------------------------------------------------- Memory pre-flight
+  estimate = config_lib.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape)
+  if t.memory_limit_gib > 0:
+    limit, source = t.memory_limit_gib * 2**30, "train.memory_limit_gib"
+  else:
+    limit, source = config_lib.device_memory_bytes(devices[0])
+  config_lib.check_memory(estimate, limit, source, mesh_shape)
+  logging.info("%.1fM parameters; pre-flight %.2f GiB/device of %.1f GiB",
+               num_params / 1e6, estimate["total"] / 2**30, limit / 2**30)  # fmt: skip
+
+  # ---------------------------------------------------------------- Data
+  data = pipeline.build_dataset(
+      source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
+      seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
+  )  # fmt: skip
+  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = pipeline.train_iterator(
+    data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
+  )
+  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
+  to_global = lambda batch: {
+    k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v, np.int32))
+    for k, v in batch.items()
+  }
+  eval_batches = [
+    to_global(b)
+    for b in pipeline.eval_batches(
+      data.val_blocks, global_batch=t.batch_size, num_batches=cfg.data.eval_batches, **proc
+    )
+  ]
+
+  with sharding.activate(mesh, rules):
+    # -------------------------------------------------------------- Step
+    step_fn = jax.jit(
+      train_step.make_train_step(
+        graphdef, optimizer, dict(cfg.model.moe.aux_loss_weights), schedule
+      ),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+      train_step.make_eval_step(graphdef), in_shardings=(state_shardings, batch_sharding)
+    )
+
+    # -------------------------------------------------------------- Init or restore
+    ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is None:
+      state = jax.jit(init_state, out_shardings=state_shardings)()
+    else:
+      state, data_state = ckpt.restore(latest, abs_state)
+      train_iter.set_state(data_state)
+      logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
+      print(f"moejax: resumed from step {latest} ({ckpt.directory})", flush=True)
+    start = int(jax.device_get(state["step"]))
+
+    # -------------------------------------------------------------- Loop
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+    baseline = math.exp(data.unigram_entropy_nats)
+    losses, last_eval = {}, None
+    tokens_per_step = t.batch_size * t.seq_len
+    bar = _progress_bar(progress and is_writer, start, t.steps)
+    tick, tick_step = time.perf_counter(), start
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    for step in range(start, end):
+      state, metrics = step_fn(state, to_global(next(train_iter)))
+      losses[step + 1] = metrics["loss"]
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        values = jax.device_get(metrics)
+        now = time.perf_counter()
+        values["tokens_per_second"] = (done - tick_step) * tokens_per_step / (now - tick)
+        tick, tick_step = now, done
+        logged = writer.write(done, values)
+        if bar is not None:
+          bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{logged['tokens_per_second']:.0f}")
+      if done % t.eval_every == 0 or done == t.steps:
+        last_eval = _evaluate(eval_fn, state, eval_batches)
+        writer.write(done, {**last_eval, "unigram_perplexity": baseline})
+        if bar is not None:
+          bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} "
+                    f"eval_perplexity {last_eval['eval_perplexity']:.2f} "
+                    f"(unigram baseline {baseline:.2f})")  # fmt: skip
+      if done % t.checkpoint_every == 0 or done == end:
+        ckpt.save(done, state, train_iter.get_state())
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
+    ckpt.close()
+    writer.close()
+
+  return {
+    "losses": {k: float(v) for k, v in jax.device_get(losses).items()},
+    "eval": last_eval,
+    "unigram_perplexity": baseline,
+    "num_params": num_params,
+    "state": state,
+    "mesh": mesh,
+  }
+
+
+def _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh):
+  """Shardings of the whole train state: optimizer moments follow their parameters."""
+  import optax
+
+  replicated = NamedSharding(mesh, P())
+  opt = optax.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    abs_state["opt_state"],
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+  )
+  return {
+    "step": replicated,
+    "params": param_shardings,
+    "model_state": rest_shardings,
+    "opt_state": opt,
+    "rng": replicated,
+  }
+
+
+def _evaluate(eval_fn, state, batches) -> dict:
+  nll, count = 0.0, 0.0
+  for batch in batches:
+    b_nll, b_count = eval_fn(state, batch)
+    nll, count = nll + b_nll, count + b_count
+  loss = float(jax.device_get(nll / count))
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+  if not enabled:
+    return None
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+# -------------------------------------------------------------------- command line
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, optionally with a preset: configs/switch_base.py:tiny."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: logs, tokenizer, checkpoints.")
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("both --config and --workdir are required; see --help")
+  cfg = _CONFIG.value
+  try:
+    summary = run(cfg, _WORKDIR.value)
+  except (MemoryError, FileNotFoundError, ValueError) as e:
+    # User errors (config, data, paths, memory) are one line; MOEJAX_TRACEBACK=1 shows the stack.
+    if os.environ.get("MOEJAX_TRACEBACK"):
+      raise
+    print(f"moejax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  ev = summary["eval"] or {}
+  print(
+    f"moejax: done. eval_loss {ev.get('eval_loss', float('nan')):.4f} "
+    f"eval_perplexity {ev.get('eval_perplexity', float('nan')):.2f} vs unigram baseline "
+    f"perplexity {summary['unigram_perplexity']:.2f}; {summary['num_params'] / 1e6:.1f}M params"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
