@@ -51,7 +51,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
 
   # ---------------------------------------------------------------- Mesh
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
-  logging.info("mesh %s over %d devices (%s)", mesh_shape, len(devices), devices[0].platform)
+  say = print if is_writer else (lambda *a, **k: None)
+  say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
   # ---------------------------------------------------------------- Model + optimizer (abstract)
   abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(t.seed)))
@@ -80,8 +81,11 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   else:
     limit, source = config_lib.device_memory_bytes(devices[0])
   config_lib.check_memory(estimate, limit, source, mesh_shape)
-  logging.info("%.1fM parameters; pre-flight %.2f GiB/device of %.1f GiB",
-               num_params / 1e6, estimate["total"] / 2**30, limit / 2**30)  # fmt: skip
+  say(
+    f"moejax: {num_params / 1e6:.1f}M parameters; memory pre-flight "
+    f"{estimate['total'] / 2**30:.2f} GiB per device of {limit / 2**30:.1f} GiB ({source})",
+    flush=True,
+  )
 
   # ---------------------------------------------------------------- Data
   data = pipeline.build_dataset(
@@ -126,8 +130,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     else:
       state, data_state = ckpt.restore(latest, abs_state)
       train_iter.set_state(data_state)
-      logging.info("resumed from checkpoint step %d in %s", latest, ckpt.directory)
-      print(f"moejax: resumed from step {latest} ({ckpt.directory})", flush=True)
+      say(f"moejax: resumed from step {latest} ({ckpt.directory})", flush=True)
     start = int(jax.device_get(state["step"]))
 
     # -------------------------------------------------------------- Loop
@@ -226,6 +229,8 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("both --config and --workdir are required; see --help")
   cfg = _CONFIG.value
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   try:
     summary = run(cfg, _WORKDIR.value)
   except (MemoryError, FileNotFoundError, ValueError) as e:

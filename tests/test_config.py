@@ -140,3 +140,18 @@ def test_full_switch_base_stops_at_memory_preflight(tmp_path):
   assert "memory pre-flight" in proc.stderr
   assert "switch_base.py:tiny" in proc.stderr
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_help_and_bad_override(tmp_path):
+  helped = subprocess.run(
+    [sys.executable, "-m", "moejax.train", "--help"], cwd=ROOT, capture_output=True, text=True
+  )
+  assert helped.returncode == 0 and "--workdir" in helped.stdout
+  bad = subprocess.run(
+      [sys.executable, "-m", "moejax.train", "--config", "configs/switch_base.py:tiny",
+       "--workdir", str(tmp_path), "--config.model.moe.router=nope"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert bad.returncode == 2
+  last = bad.stderr.strip().splitlines()[-1]
+  assert last.startswith("moejax: error: model.moe.router='nope' is not one of: switch, top_k")
