@@ -10,11 +10,13 @@ import math
 import os
 
 import ml_collections
+from absl import logging
 
 from moejax import sharding
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 DISPATCHES = ("capacity",)
+GROUP_LAYOUTS = ("sequence", "position")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -48,12 +50,30 @@ def default_config() -> ml_collections.ConfigDict:
   moe.capacity_factor = 1.25
   moe.eval_capacity_factor = 2.0
   moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
+  moe.group_layout = "sequence"  # or "position": a group = one position of group_size sequences
   moe.d_expert = 0  # expert hidden size; 0 = model.d_ff
+  moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
   moe.jitter_eps = 0.0
   moe.normalize_top_k = False
   moe.router_init_std = 0.02
+  # Family options (each router reads only its own; see its CONFIG_OPTIONS).
+  moe.second_expert_policy = "random"  # gshard_top2: "random" (GShard) or "all"
+  moe.noise_epsilon = 1e-2  # noisy_top_k: added to softplus(noise logits)
+  moe.slots_per_expert = 1  # soft_moe
+  moe.assignment_iterations = 100  # base: balanced-assignment solver iterations
+  moe.num_shared_experts = 0  # deepseek: experts every token uses
+  moe.route_scale = 1.0  # deepseek: multiplies the normalised gate values
+  moe.bias_update_rate = 1e-3  # deepseek: aux-loss-free balancing bias step (gamma)
+  moe.num_expert_groups = 1  # deepseek: group-limited routing (1 = off)
+  moe.top_expert_groups = 1  # deepseek: groups kept per token
   moe.aux_loss_weights = ml_collections.ConfigDict(
-    {"load_balance_loss": 1e-2, "router_z_loss": 1e-3}
+    {
+      "load_balance_loss": 1e-2,
+      "router_z_loss": 1e-3,
+      "importance_loss": 1e-2,
+      "load_loss": 1e-2,
+      "sequence_balance_loss": 1e-4,
+    }
   )
 
   c.data = d = ml_collections.ConfigDict()
@@ -169,7 +189,8 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _one_of("model.activation", m.activation, ACTIVATIONS)
   _one_of("model.dtype", m.dtype, DTYPES)
   _one_of("model.moe.dispatch", moe.dispatch, DISPATCHES)
-  _one_of("model.moe.router", moe.router, tuple(sorted(routers.ROUTERS)))
+  _one_of("model.moe.group_layout", moe.group_layout, GROUP_LAYOUTS)
+  _one_of("model.moe.router", moe.router, routers.ROUTERS)
   if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError(
       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
@@ -179,6 +200,20 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
     raise ConfigError(
       f"model.moe.top_k={moe.top_k} > model.moe.num_experts={moe.num_experts}; "
       f"use top_k in 1..{moe.num_experts}"
+    )
+  options = routers.router_options(moe.router, moe)
+  causal = routers.get_router_class(moe.router).causal_in_sequence(moe.top_k, **options)
+  if not causal and moe.group_layout == "sequence" and not moe.allow_noncausal:
+    raise ConfigError(
+      f"model.moe.router={moe.router!r} (top_k={moe.top_k}) lets a token's output depend on "
+      "later tokens of its routing group, which leaks the future in a decoder; set "
+      "model.moe.group_layout='position' (causal) or model.moe.allow_noncausal=True"
+    )
+  if not causal and moe.group_layout == "sequence":
+    logging.warning(
+      "model.moe.allow_noncausal=True: router %r sees later tokens of its group; training "
+      "loss is optimistic and generation will differ from training",
+      moe.router,
     )
   for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
     if _get(cfg, key) <= 0:
@@ -195,6 +230,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.moe.aux_loss_weights has unknown losses {unknown_w}; known: {routers.AUX_LOSSES}"
     )
   tokens = t.batch_size * t.seq_len
+  if moe.group_layout == "position" and t.batch_size % moe.group_size:
+    raise ConfigError(
+      f"model.moe.group_size={moe.group_size} must divide train.batch_size={t.batch_size} "
+      "with model.moe.group_layout='position' (a group = one position of group_size sequences)"
+    )
   if tokens % moe.group_size:
     raise ConfigError(
       f"model.moe.group_size={moe.group_size} does not divide train.batch_size * train.seq_len"

@@ -248,4 +248,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # absl exits 1 on --help; we exit 0
+    print(__doc__)
+    print(flags.FLAGS.main_module_help())
+    sys.exit(0)
   app.run(main)

@@ -45,18 +45,28 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     total = ce
     for name, value in aux["losses"].items():
       total = total + aux_loss_weights.get(name, 0.0) * value
-    return total, {"loss": total, "cross_entropy": ce, **aux["losses"], **aux["metrics"]}
+    metrics = {"loss": total, "cross_entropy": ce, **aux["losses"], **aux["metrics"]}
+    # Non-parameter variables a module updated during the forward pass (e.g. a load-balancing
+    # bias updated by a rule instead of a gradient) leave the step through the new state.
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return total, (metrics, nnx.to_pure_dict(new_model_state))
 
   def step(state: dict[str, Any], batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(
+    grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
       state["params"], state["model_state"], batch, rng
     )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state["step"])
-    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new_state = {
+      **state,
+      "step": state["step"] + 1,
+      "params": params,
+      "model_state": model_state,
+      "opt_state": opt_state,
+    }
     return new_state, metrics
 
   return step

@@ -71,6 +71,7 @@ class Transformer(nnx.Module):
             router=router, experts=experts, num_experts=moe.num_experts, top_k=moe.top_k,
             dispatch=moe.dispatch, capacity_factor=moe.capacity_factor,
             eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
+            group_layout=moe.group_layout,
         )  # fmt: skip
       else:
         ffn = DenseMLP(d, m.d_ff, activation=m.activation, init_std=std, out_std=out_std,

@@ -1,40 +1,52 @@
-"""Routers by name: the config's `moe.router` picks a class from `ROUTERS`.
+"""Routers by name: the config's `model.moe.router` picks a class from this registry.
 
-Every router class takes keyword arguments d_model, num_experts, top_k, rngs, plus the options
-of its family. A new router family = a new file here + one registry line.
+Every router class:
+- takes keyword arguments d_model, num_experts, top_k, rngs, plus the options of its family,
+  declared as `CONFIG_OPTIONS = {kwarg: "model.moe key"}` (so routers never read the config);
+- has `capacity(num_tokens, capacity_factor) -> int` (slots per expert per group) when it
+  returns a SparseRouting;
+- has `causal_in_sequence(top_k, **options) -> bool` (classmethod): whether a token's output is
+  independent of later tokens of its routing group. Routers that are not causal are refused in a
+  decoder with model.moe.group_layout='sequence' unless model.moe.allow_noncausal is set.
+A new router family = a new file here + one registry line.
 """
 
 from __future__ import annotations
 
-from moejax.model.routers import top_k
+import importlib
 
-ROUTERS: dict[str, type] = {
-  "top_k": top_k.TopKRouter,
-  "switch": top_k.TopKRouter,
+# name -> (module in this package, class). Modules are imported on first use.
+_REGISTRY: dict[str, tuple[str, str]] = {
+  "top_k": ("top_k", "TopKRouter"),
+  "switch": ("top_k", "TopKRouter"),
+  "gshard_top2": ("gshard_top2", "GShardTop2Router"),
+  "noisy_top_k": ("noisy_top_k", "NoisyTopKRouter"),
+  "expert_choice": ("expert_choice", "ExpertChoiceRouter"),
+  "soft_moe": ("soft_moe", "SoftMoERouter"),
+  "deepseek": ("deepseek", "DeepSeekRouter"),
 }
+ROUTERS = tuple(sorted(_REGISTRY))
+
+# Unweighted aux losses routers may return; config `model.moe.aux_loss_weights` weights them.
+AUX_LOSSES = (
+  "load_balance_loss",  # Switch / GShard / ST-MoE
+  "router_z_loss",  # ST-MoE
+  "importance_loss",  # noisy top-k (CV^2 of importance)
+  "load_loss",  # noisy top-k (CV^2 of smooth load)
+  "sequence_balance_loss",  # DeepSeek-V3 sequence-wise balance
+)
 
 
 def get_router_class(name: str) -> type:
   """The router class registered under `name`."""
-  if name not in ROUTERS:
-    raise ValueError(f"unknown router {name!r}; known routers: {', '.join(sorted(ROUTERS))}")
-  return ROUTERS[name]
-
-
-# Unweighted aux losses routers may return; config `model.moe.aux_loss_weights` weights them.
-AUX_LOSSES = ("load_balance_loss", "router_z_loss")
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown router {name!r}; known routers: {', '.join(ROUTERS)}")
+  module_name, class_name = _REGISTRY[name]
+  module = importlib.import_module(f"{__name__}.{module_name}")
+  return getattr(module, class_name)
 
 
 def router_options(name: str, moe_cfg) -> dict:
-  """The family-specific keyword arguments of router `name`, read from the `model.moe` config.
-
-  Kept here (not in the routers) so router modules never read the config object.
-  """
+  """The family-specific keyword arguments of router `name`, read from the `model.moe` config."""
   cls = get_router_class(name)
-  if cls is top_k.TopKRouter:
-    return {
-      "jitter_eps": moe_cfg.jitter_eps,
-      "normalize_weights": moe_cfg.normalize_top_k,
-      "init_std": moe_cfg.router_init_std,
-    }
-  return {}
+  return {kwarg: moe_cfg[key] for kwarg, key in getattr(cls, "CONFIG_OPTIONS", {}).items()}

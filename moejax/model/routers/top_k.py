@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.routers import base
-from moejax.ops import aux_losses
+from moejax.ops import aux_losses, capacity
 
 
 def route_top_k(
@@ -81,6 +81,19 @@ def route_top_k(
 class TopKRouter(nnx.Module):
   """Linear router + token-choice top-k over G groups (Switch when top_k=1)."""
 
+  CONFIG_OPTIONS = {
+    "jitter_eps": "jitter_eps",
+    "normalize_weights": "normalize_top_k",
+    "init_std": "router_init_std",
+  }
+
+  @classmethod
+  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+    """k=1: a token's slot depends only on earlier tokens. k>1: all first choices precede second
+    choices, so a later token's first choice can push out an earlier token's second choice."""
+    del options
+    return top_k == 1
+
   def __init__(
     self,
     *,
@@ -116,6 +129,10 @@ class TopKRouter(nnx.Module):
     self.kernel = nnx.Param(
       init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
     )
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
+    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
