@@ -1,0 +1,87 @@
+r"""Trains every router on the same data and budget and prints one comparison table.
+
+  python -m benchmarks.routers [--steps 300] [--routers switch,gshard_top2,...] [--json OUT]
+
+Each router runs its own recipe's `tiny` preset (configs/<recipe>.py:tiny: the Switch tiny sizes
+with that router's settings) for the same number of steps, batch and sequence length, on the
+embedded corpus. Columns: final validation loss and perplexity, expert load max/mean (1.0 =
+perfectly balanced; averaged over MoE layers, last logged step), dropped fraction, tokens/s
+(median over logged intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+import numpy as np
+
+from benchmarks.train_step import load_config
+from moejax import metrics as metrics_lib
+from moejax import train
+
+RECIPES = {
+  "switch": "configs/switch_base.py:tiny",
+  "gshard_top2": "configs/gshard_top2.py:tiny",
+  "noisy_top_k": "configs/noisy_topk.py:tiny",
+  "expert_choice": "configs/expert_choice.py:tiny",
+  "soft_moe": "configs/soft_moe.py:tiny",
+  "base": "configs/base_layers.py:tiny",
+  "deepseek": "configs/deepseek_moe.py:tiny",
+}
+
+
+def summarise(workdir: str) -> dict:
+  lines = metrics_lib.read_metrics(workdir)
+  train_lines = [x for x in lines if "loss" in x]
+  last = train_lines[-1]
+  loads = [np.asarray(v) for k, v in last.items() if k.endswith("/expert_load")]
+  drops = [v for k, v in last.items() if k.endswith("/dropped_fraction")]
+  evals = [x for x in lines if "eval_loss" in x]
+  speeds = [x["tokens_per_second"] for x in train_lines[1:]] or [last["tokens_per_second"]]
+  return {
+    "eval_loss": evals[-1]["eval_loss"],
+    "eval_perplexity": evals[-1]["eval_perplexity"],
+    "load_max_over_mean": float(np.mean([x.max() / x.mean() for x in loads])) if loads else None,
+    "dropped_fraction": float(np.mean(drops)) if drops else 0.0,
+    "tokens_per_second": statistics.median(speeds),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--routers", default=",".join(RECIPES))
+  parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  root = args.workdir or tempfile.mkdtemp(prefix="moejax_routers_")
+  rows = []
+  for name in args.routers.split(","):
+    cfg = load_config(RECIPES[name])
+    cfg.train.steps = args.steps
+    cfg.train.eval_every = cfg.train.checkpoint_every = args.steps
+    cfg.train.log_every = max(1, args.steps // 10)
+    workdir = os.path.join(root, name)
+    train.run(cfg, workdir, progress=False)
+    rows.append({"router": name, "recipe": RECIPES[name], **summarise(workdir)})
+    print(f"{name}: {rows[-1]}", flush=True)
+  print()
+  print("| router | eval loss | eval ppl | load max/mean | dropped | tokens/s |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    load = "n/a (soft)" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
+    print(
+      f"| {r['router']} | {r['eval_loss']:.3f} | {r['eval_perplexity']:.1f} | {load} | "
+      f"{r['dropped_fraction']:.3f} | {r['tokens_per_second']:.0f} |"
+    )
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
