@@ -201,6 +201,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.moe.top_k={moe.top_k} > model.moe.num_experts={moe.num_experts}; "
       f"use top_k in 1..{moe.num_experts}"
     )
+  if moe.router == "base" and moe.group_size % moe.num_experts:
+    raise ConfigError(
+      f"model.moe.router='base' needs model.moe.group_size={moe.group_size} to be a multiple of "
+      f"model.moe.num_experts={moe.num_experts} (exactly S/E tokens per expert)"
+    )
   options = routers.router_options(moe.router, moe)
   causal = routers.get_router_class(moe.router).causal_in_sequence(moe.top_k, **options)
   if not causal and moe.group_layout == "sequence" and not moe.allow_noncausal:

@@ -67,11 +67,18 @@ class Transformer(nnx.Module):
         )  # fmt: skip
         experts = ExpertBank(moe.num_experts, d, moe.d_expert or m.d_ff, activation=m.activation,
                              init_std=std, out_std=out_std, rngs=rngs)  # fmt: skip
+        # K_s shared experts of width d_expert, summed, are one dense MLP of width K_s * d_expert
+        # (activations act per hidden unit), added unweighted (DeepSeekMoE).
+        shared = None
+        if moe.num_shared_experts > 0:
+          shared = DenseMLP(d, moe.num_shared_experts * (moe.d_expert or m.d_ff),
+                            activation=m.activation, init_std=std, out_std=out_std,
+                            rngs=rngs)  # fmt: skip
         ffn = MoELayer(
             router=router, experts=experts, num_experts=moe.num_experts, top_k=moe.top_k,
             dispatch=moe.dispatch, capacity_factor=moe.capacity_factor,
             eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
-            group_layout=moe.group_layout,
+            group_layout=moe.group_layout, shared_experts=shared,
         )  # fmt: skip
       else:
         ffn = DenseMLP(d, m.d_ff, activation=m.activation, init_std=std, out_std=out_std,

@@ -24,6 +24,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
   "expert_choice": ("expert_choice", "ExpertChoiceRouter"),
   "soft_moe": ("soft_moe", "SoftMoERouter"),
   "deepseek": ("deepseek", "DeepSeekRouter"),
+  "base": ("base_layers", "BaseLayersRouter"),
 }
 ROUTERS = tuple(sorted(_REGISTRY))
 

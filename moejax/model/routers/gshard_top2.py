@@ -1,0 +1,221 @@
+"""GShard top-2 routing with random routing of the second expert (Lepikhin et al. 2020).
+
+Each token takes its most probable expert e1 = argmax p and the best other expert
+e2 = argmax p with e1 masked, p = softmax(x W). The two gates are renormalised,
+g1 = p_e1 / (p_e1 + p_e2), g2 = p_e2 / (p_e1 + p_e2). At training time the second expert is kept
+only if 2 * g2 > u, u ~ U(0, 1) ("random routing": a weak second choice is often skipped, which
+saves capacity); at evaluation it is always kept.
+
+Design choices:
+- Pair order is the capacity priority: every token's first choice in token order, then every
+  (kept) second choice. A second choice that random routing skips stays in the list as an invalid
+  pair (`valid=False`, weight 0), so N = 2S is static and it claims no slot.
+- The gates are renormalised BEFORE random routing, as in the paper's algorithm, and the first
+  gate is not renormalised again when the second choice is skipped or dropped for capacity: the
+  token then gets g1 * expert_e1(x) (its residual carries the rest).
+- Capacity per expert per group C = ceil(2 * ceil(S / E) * capacity_factor): "2N/E" in the
+  paper, with capacity_factor 1 for the paper's setting.
+- Aux loss (the paper's l_aux): E * sum_e m_e c_e, m_e = mean gate probability of expert e,
+  c_e = fraction of FIRST choices on e, before capacity dropping. Also the ST-MoE z-loss.
+- `second_expert_policy`: "random" (the paper) or "all" (always keep e2, plain top-2).
+- Not causal within a sequence: a later token's first choice is ranked before an earlier token's
+  second choice, so it can push that second choice out of its expert. The recipe
+  (configs/gshard_top2.py) therefore groups tokens by position (`group_layout = "position"`): a
+  group holds one position of `group_size` sequences and never a sequence's future. Random
+  routing itself is per token and causal.
+- Router math in float32; the kernel starts normal with a small std (near-uniform routing).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.model.routers import base
+from moejax.ops import aux_losses
+
+SECOND_EXPERT_POLICIES = ("random", "all")
+
+
+def gshard_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots per expert per group: ceil(2 * ceil(S / E) * capacity_factor), at least 1.
+
+  Args:
+    num_tokens: S, tokens per routing group.
+    num_experts: E.
+    capacity_factor: 1.0 is the paper's 2S/E (room for both choices of a balanced routing).
+
+  Returns:
+    C, a static python int.
+  """
+  if num_tokens <= 0 or num_experts <= 0:
+    raise ValueError(f"need positive sizes: {num_tokens=}, {num_experts=}")
+  if capacity_factor <= 0:
+    raise ValueError(f"{capacity_factor=} must be > 0")
+  per_expert = -(-num_tokens // num_experts)  # ceil(S / E) in integers
+  # The tolerance absorbs float rounding such as 1.1 * 10 = 11.000000000000002.
+  return max(1, math.ceil(2 * per_expert * capacity_factor - 1e-9))
+
+
+def route_gshard_top2(
+  logits_se: jax.Array, *, rng: jax.Array | None = None, second_expert_policy: str = "random"
+) -> base.SparseRouting:
+  """GShard top-2 routing of one group.
+
+  Args:
+    logits_se: float[S, E] router logits (computed in float32), E >= 2.
+    rng: PRNG key for random routing: u = jax.random.uniform(rng, (S,)) and e2 is kept where
+      2 * g2 > u. None keeps every second choice (evaluation).
+    second_expert_policy: "random" (random routing when rng is given) or "all" (keep every e2).
+
+  Returns:
+    SparseRouting with N = 2S pairs: pair s is token s's first choice (always valid), pair S + s
+    its second choice (valid unless random routing skipped it; then its weight is 0).
+    aux_losses: load_balance_loss (E * sum_e m_e c_e, first choices), router_z_loss.
+    metrics: expert_load float32[E] (fraction of the valid pairs per expert, before capacity
+      dropping), router_entropy, second_kept_fraction (fraction of tokens keeping e2).
+  """
+  num_tokens, num_experts = logits_se.shape
+  if num_experts < 2:
+    raise ValueError(f"GShard top-2 routing needs at least 2 experts, got {num_experts=}")
+  if second_expert_policy not in SECOND_EXPERT_POLICIES:
+    raise ValueError(f"{second_expert_policy=} is not one of {SECOND_EXPERT_POLICIES}")
+  logits_se = logits_se.astype(jnp.float32)
+  probs_se = jax.nn.softmax(logits_se, axis=-1)
+  # top_k(p, 2) = (argmax p, argmax p with that expert masked); ties go to the lower index.
+  # Shape: [S, 2].
+  prob_s2, expert_s2 = jax.lax.top_k(probs_se, 2)
+  gate_s2 = prob_s2 / jnp.sum(prob_s2, axis=-1, keepdims=True)
+  if second_expert_policy == "random" and rng is not None:
+    uniform_s = jax.random.uniform(rng, (num_tokens,), jnp.float32)
+    keep_second_s = 2.0 * gate_s2[:, 1] > uniform_s
+  else:
+    keep_second_s = jnp.ones((num_tokens,), dtype=bool)
+
+  # [S, 2] -> [2, S] -> [N]: first choices of all tokens, then the second choices.
+  expert_n = expert_s2.T.reshape(-1).astype(jnp.int32)
+  valid_n = jnp.concatenate([jnp.ones((num_tokens,), dtype=bool), keep_second_s])
+  weight_n = jnp.where(valid_n, gate_s2.T.reshape(-1), 0.0)
+  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), 2)
+
+  first_se = jax.nn.one_hot(expert_s2[:, 0], num_experts, dtype=jnp.float32)
+  claims_e = jnp.zeros((num_experts,), jnp.float32).at[expert_n].add(valid_n.astype(jnp.float32))
+  losses = {
+    # E * sum_e mean_s(p_se) * mean_s(first choice of s is e).
+    "load_balance_loss": aux_losses.load_balance_loss(probs_se, first_se),
+    "router_z_loss": aux_losses.router_z_loss(logits_se),
+  }
+  metrics = {
+    "expert_load": claims_e / jnp.sum(claims_e),
+    "router_entropy": aux_losses.router_entropy(probs_se),
+    "second_kept_fraction": jnp.mean(keep_second_s.astype(jnp.float32)),
+  }
+  return base.SparseRouting(
+    token_index=token_n,
+    expert_index=expert_n,
+    combine_weight=weight_n,
+    valid=valid_n,
+    aux_losses=losses,
+    metrics=metrics,
+  )
+
+
+def _check_options(top_k: int, second_expert_policy: str) -> None:
+  if top_k != 2:
+    raise ValueError(f"the GShard router routes exactly 2 experts per token, got {top_k=}")
+  if second_expert_policy not in SECOND_EXPERT_POLICIES:
+    raise ValueError(f"{second_expert_policy=} is not one of {SECOND_EXPERT_POLICIES}")
+
+
+class GShardTop2Router(nnx.Module):
+  """Linear router + GShard top-2 with random routing over G groups."""
+
+  CONFIG_OPTIONS = {
+    "second_expert_policy": "second_expert_policy",
+    "init_std": "router_init_std",
+  }
+
+  @classmethod
+  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+    """Never: all first choices precede all second choices, so a later token's first choice can
+    take the slot an earlier token's second choice would have had. Use group_layout 'position'.
+
+    Raises:
+      ValueError: top_k is not 2 or the second-expert policy is unknown.
+    """
+    _check_options(top_k, options.get("second_expert_policy", "random"))
+    return False
+
+  def __init__(
+    self,
+    *,
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    rngs: nnx.Rngs,
+    second_expert_policy: str = "random",
+    init_std: float = 0.02,
+  ):
+    """Builds the router.
+
+    Args:
+      d_model: D.
+      num_experts: E >= 2.
+      top_k: must be 2.
+      rngs: provides the `params` stream for the kernel init.
+      second_expert_policy: "random" (random routing at training time) or "all".
+      init_std: standard deviation of the normal kernel init (small: near-uniform routing).
+    """
+    _check_options(top_k, second_expert_policy)
+    if num_experts < 2:
+      raise ValueError(f"GShard top-2 routing needs at least 2 experts, got {num_experts=}")
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.second_expert_policy = second_expert_policy
+    init = jax.nn.initializers.normal(stddev=init_std)
+    # Shape: [D, E]; experts are few, so the E axis stays replicated.
+    self.kernel = nnx.Param(
+      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
+    )
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ceil(2 * ceil(S / E) * capacity_factor)."""
+    return gshard_capacity(num_tokens, self.num_experts, capacity_factor)
+
+  def __call__(
+    self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
+  ) -> base.SparseRouting:
+    """Routes every group.
+
+    Args:
+      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
+      train: whether random routing applies (policy "random").
+      rng: PRNG key for random routing; may be None when not training or with policy "all".
+
+    Returns:
+      SparseRouting with [G, N] array fields (N = 2S) and group-averaged losses and metrics.
+    """
+    num_groups = x_gsd.shape[0]
+    # HIGHEST: keep the router matmul in true float32 where the default would use bf16/TF32.
+    logits_gse = jnp.einsum(
+      "gsd,de->gse",
+      x_gsd.astype(jnp.float32),
+      self.kernel[...],
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    route = functools.partial(route_gshard_top2, second_expert_policy=self.second_expert_policy)
+    if train and self.second_expert_policy == "random":
+      if rng is None:
+        raise ValueError(
+          "GShardTop2Router with second_expert_policy='random' needs an rng to train"
+        )
+      routing = jax.vmap(lambda logits, key: route(logits, rng=key))(
+        logits_gse, jax.random.split(rng, num_groups)
+      )
+    else:
+      routing = jax.vmap(route)(logits_gse)
+    return base.average_over_groups(routing)

@@ -1,0 +1,147 @@
+"""Causality of the decoder LM for every registered router (see docs/causality.md).
+
+A decoder is causal when the logits at position t depend only on tokens 0..t. Attention is
+masked, but a router that makes the tokens of a routing group compete (capacity, expert choice)
+or mixes them (Soft MoE) can carry information from a later token to an earlier one of the same
+group. For every router in `routers.ROUTERS` (collected at import time, so routers registered
+later are covered automatically), with the MoE settings of its recipe's tiny preset:
+  two token batches that differ only at positions > t must give equal logits at positions <= t,
+in every layout the router declares causal (`group_layout='position'` always; 'sequence' only
+when `causal_in_sequence` says so), in eval mode and in train mode with a fixed rng.
+Then the leak itself is measured: expert choice and Soft MoE with `group_layout='sequence'`
+(allowed by `allow_noncausal=True`) change earlier positions' logits under the same perturbation.
+"""
+
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import config_lib
+from moejax.model import routers
+from moejax.model.transformer import Transformer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BATCH, LENGTH, LAST_SHARED = 8, 8, 3  # the two batches agree on positions 0..3
+POSITION_GROUP = 4  # group_layout 'position': 4 sequences per group, 2 groups per position
+SEQUENCE_GROUP = LENGTH  # group_layout 'sequence': a group is exactly one sequence
+ATOL = 1e-6
+# Size overrides; every other model.moe key comes from the router's recipe (tiny preset).
+NOT_FROM_RECIPE = ("group_size", "group_layout", "allow_noncausal", "d_expert", "aux_loss_weights")
+
+
+def _load_recipes() -> dict:
+  """Router name -> `model.moe` of the first configs/*.py (by file name) whose tiny preset uses
+  it. Config files that fail to load are ignored here (test_config covers them)."""
+  recipes = {}
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    try:
+      spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      moe = module.get_config("tiny").model.moe
+    except Exception:  # noqa: BLE001 - a broken recipe is another test's failure
+      continue
+    recipes.setdefault(moe.router, moe)
+  return recipes
+
+
+RECIPES = _load_recipes()
+
+
+def make_config(name: str, layout: str, allow_noncausal: bool = False):
+  """A one-layer LM (attention + MoE; deeper stacks are causal by induction) with router `name`
+  and the MoE settings of its recipe."""
+  c = config_lib.default_config()
+  m, moe, t = c.model, c.model.moe, c.train
+  if name in RECIPES:
+    for key, value in RECIPES[name].items():
+      if key not in NOT_FROM_RECIPE:
+        moe[key] = value
+  moe.router = name
+  m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.d_ff = 64, 1, 32, 2, 64
+  m.moe_every = 1
+  m.init_std = 0.1  # larger than the default 0.02, so the MoE output (and any leak) is not tiny
+  moe.router_init_std = 0.5  # decisive routing, so a leak would flip choices
+  moe.group_layout, moe.allow_noncausal = layout, allow_noncausal
+  moe.group_size = POSITION_GROUP if layout == "position" else SEQUENCE_GROUP
+  if name == "base":  # BASE needs group_size % num_experts == 0 (S/E tokens per expert)
+    moe.num_experts = 2
+  t.batch_size, t.seq_len = BATCH, LENGTH
+  return c
+
+
+def _cases():
+  """(router, layout) pairs to check; resolved at collection time from the registry."""
+  cases = []
+  for name in routers.ROUTERS:
+    try:
+      cls = routers.get_router_class(name)
+    except ImportError as err:  # registered, module not written yet
+      reason = f"router {name!r} does not import yet: {err}"
+      cases.append(pytest.param(name, "position", id=name, marks=pytest.mark.skip(reason=reason)))
+      continue
+    moe = make_config(name, "position").model.moe
+    causal = cls.causal_in_sequence(moe.top_k, **routers.router_options(name, moe))
+    layouts = ("sequence", "position") if causal else ("position",)
+    cases += [pytest.param(name, layout, id=f"{name}-{layout}") for layout in layouts]
+  return cases
+
+
+def token_batches(seed: int = 0):
+  """Two [B, L] batches equal at positions <= LAST_SHARED and different at every later one."""
+  rng = np.random.default_rng(seed)
+  a = rng.integers(0, 64, size=(BATCH, LENGTH))
+  b = a.copy()
+  b[:, LAST_SHARED + 1 :] = (a[:, LAST_SHARED + 1 :] + rng.integers(1, 64, size=(BATCH, 4))) % 64
+  return jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32)
+
+
+def make_forward(cfg):
+  """Pure forward over split state, so variables a router updates in training mode (such as a
+  balancing bias) do not carry from one call to the next."""
+  config_lib.validate(cfg, 1)
+  graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+
+  @functools.partial(jax.jit, static_argnames=("train",))
+  def forward(state, tokens, rng, train):
+    logits, _ = nnx.merge(graphdef, state)(tokens, train=train, rng=rng)
+    return logits
+
+  return functools.partial(forward, state)
+
+
+def max_diffs(forward, train: bool):
+  """(max |logit difference| at positions <= LAST_SHARED, the same at later positions)."""
+  a, b = token_batches()
+  rng = jax.random.key(1)
+  diff = np.abs(np.asarray(forward(a, rng, train)) - np.asarray(forward(b, rng, train)))
+  return float(diff[:, : LAST_SHARED + 1].max()), float(diff[:, LAST_SHARED + 1 :].max())
+
+
+@pytest.mark.parametrize("name, layout", _cases())
+def test_future_tokens_do_not_change_earlier_logits(name, layout):
+  forward = make_forward(make_config(name, layout))
+  for train in (False, True):
+    past, future = max_diffs(forward, train)
+    assert past <= ATOL, f"{name} ({layout}, {train=}) leaks the future: {past=}"
+    assert future > 1e-3, f"{name} ({layout}, {train=}): the perturbation did nothing"
+
+
+LEAKY = [name for name in ("expert_choice", "soft_moe") if name in routers.ROUTERS]
+
+
+@pytest.mark.parametrize("name", LEAKY)
+def test_leak_is_measured_with_sequence_groups(name):
+  """Expert choice and Soft MoE within a sequence: earlier logits move when later tokens do."""
+  with pytest.raises(config_lib.ConfigError, match="allow_noncausal"):
+    config_lib.validate(make_config(name, "sequence"), 1)
+  forward = make_forward(make_config(name, "sequence", allow_noncausal=True))
+  for train in (False, True):
+    past, _ = max_diffs(forward, train)
+    assert past > 1e-2, f"{name} with sequence groups: expected a leak, measured {past=}"
