@@ -28,44 +28,27 @@ from moejax import config_lib
 
 
 def get_config(preset: str = ""):
-  c = config_lib.default_config()
-  m, moe, t = c.model, c.model.moe, c.train
-  # Switch-Base trunk: 12 layers, d_model 768, 12 heads, d_ff 3072, MoE every other layer.
-  m.vocab_size = 32_000
-  m.num_layers, m.d_model, m.num_heads, m.d_ff = 12, 768, 12, 3072
-  m.activation = "swiglu"
-  m.moe_every = 2
-  # DeepSeekMoE-16B ratios: experts 1/4 of an FFN, 64 routed (top-6) + 2 shared.
-  moe.router, moe.num_experts, moe.top_k = "deepseek", 64, 6
-  moe.d_expert = m.d_ff // 4
-  moe.num_shared_experts = 2
+  c = config_lib.switch_base_family(preset, "configs/deepseek_moe.py")
+  m, moe = c.model, c.model.moe
+  moe.router = "deepseek"
+  moe.d_expert = m.d_ff // 4  # fine-grained experts: 1/4 of an FFN
   moe.route_scale = 1.0
-  moe.bias_update_rate = 1e-3
   moe.num_expert_groups, moe.top_expert_groups = 1, 1  # group-limited routing off (V3: 8, 4)
-  moe.capacity_factor, moe.eval_capacity_factor = 2.0, 3.0
-  moe.group_layout, moe.group_size = "position", 256  # a group = one position of 256 sequences
+  moe.capacity_factor, moe.eval_capacity_factor = 2.0, 3.0  # generous: DeepSeek is dropless
+  moe.group_layout = "position"  # k > 1 with capacity is not causal within a sequence
   moe.aux_loss_weights.sequence_balance_loss = 1e-4  # the only aux loss this router returns
-  t.steps, t.batch_size, t.seq_len = 100_000, 256, 1024
-  t.eval_every, t.checkpoint_every, t.log_every = 2000, 2000, 100
-  c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 2000
-
   if preset == "tiny":
-    # switch_base:tiny sizes and steps; 16 experts of d_ff/4 = 128, top-4, 1 shared expert.
-    m.vocab_size = 2048
-    m.num_layers, m.d_model, m.num_heads, m.d_ff = 4, 256, 4, 512
-    m.activation = "gelu"
+    # 16 experts of d_ff/4 = 128, top-4, 1 shared expert.
     moe.num_experts, moe.top_k, moe.num_shared_experts = 16, 4, 1
-    moe.d_expert = m.d_ff // 4
-    moe.group_size = 16  # must divide train.batch_size with group_layout 'position'
+    moe.group_size = 16
     # V3's gamma 1e-3 is too slow for 600 steps at lr 2e-3: measured at step 250-290, gamma 1e-3
     # left max/mean load ~2.5 and 4-12% of choices dropped (eval loss 4.228 at 250); 1e-2 gave
     # max/mean ~1.15, 0.3% dropped (eval loss 4.161).
     moe.bias_update_rate = 1e-2
-    t.steps, t.batch_size, t.seq_len = 600, 16, 128
-    t.eval_every, t.checkpoint_every, t.log_every = 200, 200, 20
-    c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 50
-  elif preset:
-    raise ValueError(
-      f"configs/deepseek_moe.py: unknown preset {preset!r}; known: '' (full), 'tiny'"
-    )
+  else:
+    # DeepSeekMoE-16B ratios: 64 routed experts (top-6) + 2 shared, SwiGLU.
+    m.activation = "swiglu"
+    moe.num_experts, moe.top_k, moe.num_shared_experts = 64, 6, 2
+    moe.group_size = 256
+    moe.bias_update_rate = 1e-3
   return c

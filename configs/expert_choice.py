@@ -22,35 +22,16 @@ from moejax import config_lib
 
 
 def get_config(preset: str = ""):
-  c = config_lib.default_config()
-  m, moe, t = c.model, c.model.moe, c.train
-  # Switch-Base trunk: 12 layers, d_model 768, 12 heads, d_ff 3072, MoE every other layer.
-  m.vocab_size = 32_000
-  m.num_layers, m.d_model, m.num_heads, m.d_ff = 12, 768, 12, 3072
-  m.activation = "gelu"
-  m.moe_every = 2
-  moe.router, moe.num_experts, moe.top_k = "expert_choice", 64, 1  # top_k unused by this router
+  c = config_lib.switch_base_family(preset, "configs/expert_choice.py")
+  moe = c.model.moe
+  moe.router = "expert_choice"  # top_k unused by this router
   # The same factor in training and evaluation: it sets the compute, not a drop tolerance.
   moe.capacity_factor, moe.eval_capacity_factor = 2.0, 2.0
-  moe.group_layout, moe.group_size = "position", 256  # a group = one position of 256 sequences
+  moe.group_layout = "position"  # a group = one position of group_size sequences
   moe.aux_loss_weights.load_balance_loss = 0.0  # not produced: balanced by construction
   moe.aux_loss_weights.router_z_loss = 1e-3
-  t.steps, t.batch_size, t.seq_len = 100_000, 256, 1024
-  t.eval_every, t.checkpoint_every, t.log_every = 2000, 2000, 100
-  c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 2000
-
   if preset == "tiny":
-    # configs/switch_base.py:tiny sizes and schedule, with this router. The batch of 16
-    # sequences gives groups of the 16 tokens at one position: c = 2 * 16 / 8 = 4.
-    m.vocab_size = 2048
-    m.num_layers, m.d_model, m.num_heads, m.d_ff = 4, 256, 4, 512
-    moe.num_experts = 8
-    moe.group_size = 16  # must divide train.batch_size with group_layout 'position'
-    t.steps, t.batch_size, t.seq_len = 600, 16, 128
-    t.eval_every, t.checkpoint_every, t.log_every = 200, 200, 20
-    c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 50
-  elif preset:
-    raise ValueError(
-      f"configs/expert_choice.py: unknown preset {preset!r}; known: '' (full), 'tiny'"
-    )
+    moe.group_size = 16  # the 16 tokens at one position: c = 2 * 16 / 8 = 4
+  else:
+    moe.num_experts, moe.group_size = 64, 256  # c = 2 * 256 / 64 = 8
   return c

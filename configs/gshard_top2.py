@@ -17,38 +17,22 @@ from moejax import config_lib
 
 
 def get_config(preset: str = ""):
-  c = config_lib.default_config()
-  m, moe, t = c.model, c.model.moe, c.train
-  # GShard's decoder stack dimensions (d_model 1024, 16 heads, d_ff 8192, MoE every other layer)
-  # at 12 layers with 128 experts, top-2, capacity 2S/E (capacity_factor 1), aux loss 1e-2.
-  m.vocab_size = 32_000
-  m.num_layers, m.d_model, m.num_heads, m.d_ff = 12, 1024, 16, 8192
-  m.activation = "relu"
-  m.moe_every = 2
-  moe.router, moe.num_experts, moe.top_k = "gshard_top2", 128, 2
+  c = config_lib.switch_base_family(preset, "configs/gshard_top2.py")
+  m, moe = c.model, c.model.moe
+  moe.router, moe.top_k = "gshard_top2", 2
   moe.second_expert_policy = "random"
-  moe.capacity_factor, moe.eval_capacity_factor = 1.0, 2.0
-  # A group = one position of 256 sequences: causal, and S = 256 tokens compete for C = 4 slots.
-  moe.group_layout, moe.group_size = "position", 256
-  moe.aux_loss_weights.load_balance_loss = 1e-2
-  moe.aux_loss_weights.router_z_loss = 0.0  # GShard has no z-loss (it came with ST-MoE)
-  t.steps, t.batch_size, t.seq_len = 100_000, 256, 1024
-  t.eval_every, t.checkpoint_every, t.log_every = 2000, 2000, 100
-  c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 2000
-
+  # A group = one position of group_size sequences: causal (second choices rank after later
+  # tokens' first choices, which would leak the future within a sequence).
+  moe.group_layout = "position"
   if preset == "tiny":
-    # configs/switch_base.py:tiny sizes and schedule, with this router. The batch of 16
-    # sequences gives groups of the 16 tokens at one position (C = 2 * ceil(16/8) * 1.25 = 5).
-    m.vocab_size = 2048
-    m.num_layers, m.d_model, m.num_heads, m.d_ff = 4, 256, 4, 512
-    m.activation = "gelu"
-    moe.num_experts = 8
-    moe.capacity_factor = 1.25
+    # Groups of the 16 tokens at one position of the batch (C = 2 * ceil(16/8) * 1.25 = 5).
     moe.group_size = 16
-    moe.aux_loss_weights.router_z_loss = 1e-3
-    t.steps, t.batch_size, t.seq_len = 600, 16, 128
-    t.eval_every, t.checkpoint_every, t.log_every = 200, 200, 20
-    c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 50
-  elif preset:
-    raise ValueError(f"configs/gshard_top2.py: unknown preset {preset!r}; known: '' (full), 'tiny'")
+  else:
+    # GShard's decoder stack dimensions (d_model 1024, 16 heads, d_ff 8192, ReLU) at 12 layers
+    # with 128 experts, top-2, capacity 2S/E (capacity_factor 1), aux loss 1e-2, no z-loss
+    # (it came with ST-MoE). S = 256 tokens compete for C = 4 slots.
+    m.d_model, m.num_heads, m.d_ff, m.activation = 1024, 16, 8192, "relu"
+    moe.capacity_factor = 1.0
+    moe.group_size = 256
+    moe.aux_loss_weights.router_z_loss = 0.0
   return c
