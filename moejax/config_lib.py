@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.second_expert_policy = "random"  # gshard_top2: "random" (GShard) or "all"
   moe.noise_epsilon = 1e-2  # noisy_top_k: added to softplus(noise logits)
   moe.slots_per_expert = 1  # soft_moe
+  moe.soft_init_scale = 1.0  # soft_moe: initial value of the learned logit scale
   moe.assignment_iterations = 100  # base: balanced-assignment solver iterations
   moe.num_shared_experts = 0  # deepseek: experts every token uses
   moe.route_scale = 1.0  # deepseek: multiplies the normalised gate values
