@@ -66,10 +66,10 @@ fi
 
 run gcloud compute tpus tpu-vm ssh "$tpu" --worker=all "${tpu_args[@]}" --command "mkdir -p ~/moejax"
 run gcloud compute tpus tpu-vm scp --recurse --worker=all "${tpu_args[@]}" \
-  moejax configs launch requirements.txt "$tpu:~/moejax/"
+  moejax configs launch requirements.txt requirements-data.txt "$tpu:~/moejax/"
 if [[ "$install" == 1 ]]; then
   run gcloud compute tpus tpu-vm ssh "$tpu" --worker=all "${tpu_args[@]}" --command \
-    "cd ~/moejax && python3 -m pip install -q -r requirements.txt && python3 -m pip install -q 'jax[tpu]'"
+    "cd ~/moejax && python3 -m pip install -q -r requirements.txt 'jax[tpu]>=0.10.2,<0.11' && python3 -m pip install -q --no-deps -r requirements-data.txt"
 fi
 
 train_command="cd ~/moejax && python3 -m moejax.train $(printf '%q ' "$@")> ~/moejax/train.log 2>&1"

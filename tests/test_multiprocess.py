@@ -122,6 +122,7 @@ def test_lost_peer_stops_the_survivor(two_process_run):
   ]
   assert "process 0 exited with status 134" in log  # SIGABRT from the runtime, not a hang
   assert "process 1 exited with status 137" in log  # our SIGKILL
+  print(f"survivor stopped {run['stop_seconds']:.1f} s after the kill (heartbeat {HEARTBEAT_S} s)")
   assert run["stop_seconds"] < HEARTBEAT_S + 10, run["stop_seconds"]
 
 
@@ -159,3 +160,22 @@ def test_checkpoint_of_two_processes_restores_on_other_meshes(
   for a, b, ref in zip(flat_wide, flat_one, flat_ref, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=1e-5)
+
+
+def test_missing_peer_ends_start_up_after_the_timeout(corpus, tmp_path):
+  """Process 0 of 2 alone: it says what it waits for, then stops after initialization_timeout_s."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  start = time.monotonic()
+  out = subprocess.run(
+      [sys.executable, "-m", "moejax.train", "--config", "tests/tiny_cli_config.py",
+       "--workdir", str(tmp_path), f"--config.data.source={corpus}",
+       "--config.distributed.coordinator_address=127.0.0.1:1",
+       "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+       "--config.distributed.initialization_timeout_s=3"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  seconds = time.monotonic() - start
+  assert out.returncode != 0
+  assert "joining process 1 of 2 via 127.0.0.1:1 (config); waiting up to 3 s" in out.stdout
+  assert "DEADLINE_EXCEEDED" in out.stderr, out.stderr[-2000:]
+  assert seconds < 60, seconds  # imports + 3 s, not the default 300 s
