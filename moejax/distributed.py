@@ -37,7 +37,13 @@ from moejax.config_lib import ConfigError
 
 T = TypeVar("T")
 
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID")
+_SLURM_VARS = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)
 _TPU_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
@@ -99,7 +105,12 @@ def plan(dist_cfg, environ: Mapping[str, str] | None = None, on_tpu: bool | None
   if all(v in environ for v in _SLURM_VARS) and int(environ["SLURM_NTASKS"]) > 1:
     n, rank = int(environ["SLURM_NTASKS"]), int(environ["SLURM_PROCID"])
     desc = f"Slurm job {environ['SLURM_JOB_ID']}: task {rank} of {n}"
-    return Plan("slurm", {"cluster_detection_method": "slurm", **timeouts}, desc)
+    kwargs = {"cluster_detection_method": "slurm", **timeouts}
+    # JAX gives a Slurm task one GPU (number SLURM_LOCALID); one task per node takes them all.
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES", n)))
+    if n == nodes and environ.get("SLURM_GPUS_ON_NODE", "").isdigit():
+      kwargs["local_device_ids"] = list(range(int(environ["SLURM_GPUS_ON_NODE"])))
+    return Plan("slurm", kwargs, desc)
   return Plan("single", {}, "single process")
 
 

@@ -44,6 +44,11 @@ def test_tpu_then_slurm_then_single():
   slurm = distributed.plan(d, environ=SLURM, on_tpu=False)
   assert slurm.method == "slurm" and slurm.kwargs["cluster_detection_method"] == "slurm"
   assert "task 9 of 16" in slurm.description
+  assert "local_device_ids" not in slurm.kwargs  # 16 tasks, no node count: JAX's 1 GPU/task
+  per_node = {**SLURM, "SLURM_STEP_NUM_NODES": "16", "SLURM_GPUS_ON_NODE": "8"}
+  assert distributed.plan(d, per_node, False).kwargs["local_device_ids"] == list(range(8))
+  per_gpu = {**per_node, "SLURM_STEP_NUM_NODES": "2"}  # 8 tasks per node: one GPU each
+  assert "local_device_ids" not in distributed.plan(d, per_gpu, False).kwargs
   one_task = {**SLURM, "SLURM_NTASKS": "1"}  # e.g. an interactive allocation
   assert distributed.plan(d, environ=one_task, on_tpu=False).method == "single"
   assert distributed.plan(d, environ={}, on_tpu=False).method == "single"
