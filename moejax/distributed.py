@@ -68,7 +68,7 @@ def plan(dist_cfg, environ: Mapping[str, str] | None = None, on_tpu: bool | None
   Args:
     dist_cfg: the config's `distributed` section.
     environ: environment variables (default os.environ).
-    on_tpu: whether this is a Cloud TPU VM (default: detected from PCI devices and TPU variables).
+    on_tpu: whether this is a Cloud TPU VM (default: TPU pod variables, or libtpu + chips).
 
   Raises:
     ConfigError: a partial or inconsistent explicit setting, or bad timeouts.
@@ -117,8 +117,8 @@ def plan(dist_cfg, environ: Mapping[str, str] | None = None, on_tpu: bool | None
 def initialize(dist_cfg, environ: Mapping[str, str] | None = None) -> Plan:
   """Starts `jax.distributed` as `plan` decides; call before anything else uses jax.
 
-  Prints one line per process (before joining, so a process that waits for a missing peer says
-  so) and, on process 0, the device summary.
+  Every process prints a line before joining (so one that waits for a missing peer says so) and
+  one with its process index and device counts after.
   """
   p = plan(dist_cfg, environ)
   if p.method == "single" or jax.distributed.is_initialized():
