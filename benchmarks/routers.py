@@ -5,7 +5,8 @@ r"""Trains every router on the same data and budget and prints one comparison ta
 Each router runs its own recipe's `tiny` preset (configs/<recipe>.py:tiny: the Switch tiny sizes
 with that router's settings) for the same number of steps, batch and sequence length, on the
 embedded corpus. Columns: final validation loss and perplexity, expert load max/mean (1.0 =
-perfectly balanced; averaged over MoE layers, last logged step), dropped fraction, tokens/s
+perfectly balanced; averaged over MoE layers, last logged step), dropped fraction (of tokens no
+expert took, for expert choice), tokens/s
 (the median over rounds of steps timed round-robin across all routers in one process after the
 training runs, so that machine load hits every router alike; `--speed-rounds 0` reports the
 median over the run's logged intervals instead), and the first and last logged training loss.
@@ -41,7 +42,9 @@ def summarise(workdir: str) -> dict:
   train_lines = [x for x in lines if "loss" in x]
   last = train_lines[-1]
   loads = [np.asarray(v) for k, v in last.items() if k.endswith("/expert_load")]
-  drops = [v for k, v in last.items() if k.endswith("/dropped_fraction")]
+  # Expert choice drops no (token, expert) pair; its tokens that no expert took are the drops.
+  drop_key = "/unrouted_fraction" if any(k.endswith("/unrouted_fraction") for k in last) else ""
+  drops = [v for k, v in last.items() if k.endswith(drop_key or "/dropped_fraction")]
   evals = [x for x in lines if "eval_loss" in x]
   speeds = [x["tokens_per_second"] for x in train_lines[1:]] or [last["tokens_per_second"]]
   return {
