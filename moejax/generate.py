@@ -113,12 +113,21 @@ def generate(model: restore.RestoredModel, prompt_bp: np.ndarray, *, max_new_tok
   mesh, rules = model.mesh, model.rules
   rows = sharding.logical_to_spec(("batch", "length"), rules)
   prompt = jax.device_put(np.asarray(prompt_bp, np.int32), NamedSharding(mesh, rows))
-  fn = make_generate_fn(
-    model.graphdef, max_new_tokens=max_new_tokens, return_logits=return_logits, **sampling
-  )
+  settings = dict(max_new_tokens=max_new_tokens, return_logits=return_logits, **sampling)
+  fn = _jitted(model.graphdef, mesh, tuple(sorted(rules.items())), tuple(sorted(settings.items())))
   with sharding.activate(mesh, rules):
-    out = jax.jit(fn)(model.params, model.model_state, prompt, jax.random.key(seed))
+    out = fn(model.params, model.model_state, prompt, jax.random.key(seed))
   return jax.device_get(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(graphdef, mesh, rules, settings):
+  """One jitted sampler per (model, mesh, rules, settings): repeated calls skip compilation.
+
+  The mesh and rules are part of the key because the trace bakes in the sharding constraints.
+  """
+  del mesh, rules
+  return jax.jit(make_generate_fn(graphdef, **dict(settings)))
 
 
 def main(argv=None) -> list[str]:
