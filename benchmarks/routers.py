@@ -6,7 +6,9 @@ Each router runs its own recipe's `tiny` preset (configs/<recipe>.py:tiny: the S
 with that router's settings) for the same number of steps, batch and sequence length, on the
 embedded corpus. Columns: final validation loss and perplexity, expert load max/mean (1.0 =
 perfectly balanced; averaged over MoE layers, last logged step), dropped fraction, tokens/s
-(median over logged intervals).
+(median over logged intervals). Charts of all routers (moejax/plot.py: loss curves on one chart,
+dropped fraction and router entropy, one expert-load heatmap per router) go to WORKDIR/plots
+unless --no_plots.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from benchmarks.train_step import load_config
 from moejax import metrics as metrics_lib
-from moejax import train
+from moejax import plot, train
 
 RECIPES = {
   "switch": "configs/switch_base.py:tiny",
@@ -57,15 +59,17 @@ def main():
   parser.add_argument("--routers", default=",".join(RECIPES))
   parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--no_plots", action="store_true", help="skip the charts")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="moejax_routers_")
-  rows = []
+  rows, workdirs = [], []
   for name in args.routers.split(","):
     cfg = load_config(RECIPES[name])
     cfg.train.steps = args.steps
     cfg.train.eval_every = cfg.train.checkpoint_every = args.steps
     cfg.train.log_every = max(1, args.steps // 10)
     workdir = os.path.join(root, name)
+    workdirs.append(workdir)
     train.run(cfg, workdir, progress=False)
     rows.append({"router": name, "recipe": RECIPES[name], **summarise(workdir)})
     print(f"{name}: {rows[-1]}", flush=True)
@@ -81,6 +85,9 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
+  if not args.no_plots:
+    paths = plot.write_plots(workdirs, out=os.path.join(root, "plots"))
+    print(f"charts: {', '.join(paths)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ returns the cache with the new positions written. One function serves the prompt
 L = prompt length, offset 0) and every generated token (L = 1), and reads the same parameters
 as `Transformer.__call__`, so no weight is converted or duplicated.
 
-Routing at decode time (the router's inference behaviour, `train=False`; docs/generation.md):
+Routing at decode time (the router's inference behaviour, `train=False`; docs/INFERENCE.md):
 - group_layout 'sequence': every new token is routed on its own (a group of one token). Token-
   choice routers (switch / top_k, gshard_top2, noisy_top_k, deepseek) route per token anyway, so
   this is their evaluation routing minus capacity dropping (one token never overflows an

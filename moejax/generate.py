@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,7 @@ def main(argv=None) -> list[str]:
       raise config_lib.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
-  tokenizer = tokenizer_lib.Tokenizer.from_file(f"{args.workdir}/tokenizer.model")
+  tokenizer = tokenizer_lib.Tokenizer.from_file(os.path.join(args.workdir, "tokenizer.model"))
   ids = tokenizer.encode(args.prompt)
   if not ids:
     raise config_lib.ConfigError("--prompt encodes to no token; give some text")
