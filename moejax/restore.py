@@ -223,6 +223,9 @@ def run_cli(main, argv=None) -> None:
 
   MOEJAX_TRACEBACK=1 shows the stack instead.
   """
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # Orbax warns about every read-only checkpoint manager
   try:
     main(argv)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
