@@ -92,13 +92,15 @@ def test_filter_logits_matches_reference(top_k, top_p):
 def test_sampling_stays_in_filtered_set_and_is_seeded():
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(4, 50)).astype(np.float32))
   allowed = _numpy_filter(np.asarray(logits), 5, 0.7)
-  draws = [
-    np.asarray(generate.sample(logits, jax.random.key(s), temperature=0.7, top_k=5, top_p=0.7))
-    for s in range(40)
-  ]
+  draw_fn = jax.jit(
+    jax.vmap(lambda key: generate.sample(logits, key, temperature=0.7, top_k=5, top_p=0.7))
+  )
+  draws = np.asarray(draw_fn(jax.random.split(jax.random.key(0), 40)))
   for draw in draws:
     assert all(int(t) in allowed[r] for r, t in enumerate(draw))
-  again = generate.sample(logits, jax.random.key(0), temperature=0.7, top_k=5, top_p=0.7)
+  assert len({tuple(d) for d in draws}) > 1  # the draws do vary with the key
+  first_key = jax.random.split(jax.random.key(0), 40)[0]
+  again = generate.sample(logits, first_key, temperature=0.7, top_k=5, top_p=0.7)
   np.testing.assert_array_equal(np.asarray(again), draws[0])
   greedy = generate.sample(logits, jax.random.key(0), temperature=0.0, top_k=0, top_p=1.0)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(logits).argmax(-1))
