@@ -116,3 +116,13 @@ def test_generation_rows_fill_mesh_and_groups():
 def test_cli_rejects_bad_sampling_options(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="--top_p=1.5: must be in"):
     generate.main(["--workdir", str(tmp_path), "--prompt", "x", "--top_p", "1.5"])
+
+
+def test_base_router_in_sequence_layout_is_refused_for_decoding():
+  from moejax import decode
+
+  cfg = tiny_config("unused")
+  cfg.model.moe.router, cfg.model.moe.allow_noncausal = "base", True
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="router 'base' needs model.moe.group_layout='position'"):
+    decode.prepare_for_decoding(model)

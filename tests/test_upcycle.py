@@ -116,3 +116,19 @@ def test_mismatch_error_names_every_parameter_before_any_data(dense, tmp_path):
   assert "[64, 96]" in message and "[64, 128]" in message
   # Raised before the data pipeline or the tokenizer touched the new workdir.
   assert sorted(os.listdir(workdir)) == ["config.json"]
+
+
+def test_expert_noise_is_relative_and_per_expert():
+  dense_w = np.arange(12, dtype=np.float32).reshape(3, 4)  # std 3.45
+  fresh = {"experts": {"w_in": np.zeros((5, 3, 4), np.float32)}, "router": np.ones((3, 5))}
+  plan = {"experts.w_in": ("experts", "w"), "router": ("fresh", None)}
+  out = upcycle.upcycle_params(fresh, {"w": dense_w}, plan, noise=0.01, key=jax.random.key(0))
+  copies = np.asarray(out["experts"]["w_in"])
+  np.testing.assert_array_equal(np.asarray(out["router"]), fresh["router"])  # fresh kept
+  deviation = copies - dense_w[None]
+  assert 0 < np.abs(deviation).max() < 0.01 * dense_w.std() * 6  # small, relative to std(w)
+  assert not np.allclose(copies[0], copies[1])  # experts differ, so they can specialise
+  exact = upcycle.upcycle_params(fresh, {"w": dense_w}, plan, noise=0.0, key=jax.random.key(0))
+  np.testing.assert_array_equal(
+    np.asarray(exact["experts"]["w_in"]), np.broadcast_to(dense_w, (5, 3, 4))
+  )
