@@ -10,6 +10,8 @@ expert took, for expert choice), tokens/s
 (the median over rounds of steps timed round-robin across all routers in one process after the
 training runs, so that machine load hits every router alike; `--speed-rounds 0` reports the
 median over the run's logged intervals instead), and the first and last logged training loss.
+Charts of all routers (moejax/plot.py: loss curves on one chart, dropped fraction and router
+entropy, one expert-load heatmap per router) go to WORKDIR/plots unless --no_plots.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from benchmarks.train_step import compiled_step, load_config, time_steps
 from moejax import metrics as metrics_lib
-from moejax import train
+from moejax import plot, train
 
 RECIPES = {
   "switch": "configs/switch_base.py:tiny",
@@ -93,9 +95,10 @@ def main():
     action="store_true",
     help="summarise the finished runs in --workdir, train nothing",
   )
+  parser.add_argument("--no_plots", action="store_true", help="skip the charts")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="moejax_routers_")
-  rows, configs = [], {}
+  rows, configs, workdirs = [], {}, []
   for name in args.routers.split(","):
     cfg = load_config(RECIPES[name])
     cfg.train.steps = args.steps
@@ -103,6 +106,7 @@ def main():
     cfg.train.log_every = max(1, args.steps // 10)
     configs[name] = cfg
     workdir = os.path.join(root, name)
+    workdirs.append(workdir)
     if not args.report_only:
       train.run(cfg, workdir, progress=False)
     rows.append({"router": name, "recipe": RECIPES[name], **summarise(workdir)})
@@ -127,6 +131,9 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
+  if not args.no_plots:
+    paths = plot.write_plots(workdirs, out=os.path.join(root, "plots"))
+    print(f"charts: {', '.join(paths)}")
 
 
 if __name__ == "__main__":

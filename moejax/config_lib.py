@@ -104,6 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.grad_clip = 1.0
 
+  # Sparse upcycling (moejax/upcycle.py): start an MoE run from a dense moejax checkpoint.
+  c.init = ini = ml_collections.ConfigDict()
+  ini.from_dense = ""  # a dense run's workdir (its latest step) or WORKDIR/checkpoints/<step>
+  ini.from_dense_noise = 0.0  # expert copies get N(0, (noise * std of the dense weight)^2) noise
+
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1
   ms.fsdp = 1

@@ -1,7 +1,9 @@
 """Metric logging: WORKDIR/metrics.jsonl (one JSON object per logged step) and TensorBoard.
 
 Per-expert vectors (e.g. `layer_1/expert_load`, shape [E]) are written as lists in the JSONL and
-as histograms + per-expert scalars in TensorBoard. Only the writing process (process 0) logs.
+as histograms + per-expert scalars in TensorBoard; an expert-load histogram has one bucket per
+expert (bucket i = expert i, height = its load), see `add_expert_histogram`. Only the writing
+process (process 0) logs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class MetricsWriter:
       for name, value in values.items():
         if isinstance(value, list):
           arr = np.asarray(value)
-          self._tb.add_histogram(name, arr, step)
+          if name.endswith("expert_load"):
+            add_expert_histogram(self._tb, name, arr, step)
+          else:
+            self._tb.add_histogram(name, arr, step)
           for i, v in enumerate(arr.reshape(-1)):
             self._tb.add_scalar(f"{name}/{i}", float(v), step)
         else:
@@ -54,6 +59,26 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def add_expert_histogram(tb, tag: str, load_e: np.ndarray, step: int) -> None:
+  """A TensorBoard histogram whose bucket i is expert i and whose height is its load.
+
+  TensorBoard's own histogram of the [E] values would show how many experts have each load;
+  this one shows which expert gets what, so a collapse onto one expert is visible at a glance
+  (bucket i spans (i, i+1]; the histograms tab stacks the steps).
+
+  Args:
+    load_e: float[E] fraction of routed pairs per expert.
+  """
+  load_e = np.asarray(load_e, np.float64).reshape(-1)
+  centre = np.arange(load_e.size) + 0.5
+  tb.add_histogram_raw(
+      tag, min=0.0, max=float(load_e.size), num=float(load_e.sum()),
+      sum=float(centre @ load_e), sum_squares=float((centre**2) @ load_e),
+      bucket_limits=(np.arange(load_e.size) + 1.0).tolist(), bucket_counts=load_e.tolist(),
+      global_step=step,
+  )  # fmt: skip
 
 
 def read_metrics(workdir: str) -> list[dict]:

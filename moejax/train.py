@@ -26,6 +26,8 @@ from ml_collections import config_flags
 from moejax import checkpoint, config_lib, distributed, optim, sharding, train_step
 from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
+from moejax import restore as restore_lib
+from moejax import upcycle as upcycle_lib
 from moejax.data import pipeline
 from moejax.model.transformer import Transformer
 
@@ -48,6 +50,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   t = cfg.train
   os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
+  if is_writer:
+    restore_lib.save_run_config(cfg, workdir)  # evaluate / generate rebuild the model from it
 
   # ---------------------------------------------------------------- Mesh
   mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn)
@@ -86,6 +90,10 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     f"{estimate['total'] / 2**30:.2f} GiB per device of {limit / 2**30:.1f} GiB ({source})",
     flush=True,
   )
+
+  upcycling = None  # sparse upcycling: checked before any data is loaded or step compiled
+  if cfg.init.from_dense:
+    upcycling = upcycle_lib.prepare(cfg, workdir, nnx.to_pure_dict(abs_params), param_shardings)
 
   # ---------------------------------------------------------------- Data
   build = lambda: pipeline.build_dataset(
@@ -126,7 +134,10 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     # -------------------------------------------------------------- Init or restore
     ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
     latest = ckpt.latest_step()
-    if latest is None:
+    if latest is None and upcycling is not None:
+      state = upcycle_lib.init_state(upcycling, init_state, state_shardings)
+      say(f"moejax: upcycled from the dense checkpoint {upcycling.directory} step {upcycling.step}")
+    elif latest is None:
       state = jax.jit(init_state, out_shardings=state_shardings)()
     else:
       state, data_state = ckpt.restore(latest, abs_state)

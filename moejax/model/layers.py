@@ -35,16 +35,18 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x_blhk, theta: float):
-  """Rotary position embedding on the last axis (pairs of halves), positions 0..L-1.
+def apply_rope(x_blhk, theta: float, offset=0):
+  """Rotary position embedding on the last axis (pairs of halves), positions offset..offset+L-1.
 
   Args:
     x_blhk: [batch, length, heads, head_dim] with an even head_dim.
+    offset: position of the first token (an int or a traced int32 scalar; KV-cache decoding).
   """
   length, head_dim = x_blhk.shape[1], x_blhk.shape[-1]
   half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]  # [L, half]
+  positions = offset + jnp.arange(length, dtype=jnp.float32)
+  angle = positions[:, None] * freq[None, :]  # [L, half]
   sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
   x1, x2 = jnp.split(x_blhk.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

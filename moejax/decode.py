@@ -1,0 +1,92 @@
+"""Incremental decoding with a key/value cache, on the parameters of `model.transformer`.
+
+Einsum letters: b batch, l new positions, d d_model, v vocab. Cached attention itself is
+`Attention.decode` (moejax/model/attention.py).
+
+`forward_with_cache(model, tokens_bl, cache, offset)` computes the logits of L new tokens at
+positions offset..offset+L-1 given the keys and values of positions < offset in `cache`, and
+returns the cache with the new positions written. One function serves the prompt (prefill,
+L = prompt length, offset 0) and every generated token (L = 1), and reads the same parameters
+as `Transformer.__call__`, so no weight is converted or duplicated.
+
+Routing at decode time (the router's inference behaviour, `train=False`; docs/INFERENCE.md):
+- group_layout 'sequence': every new token is routed on its own (a group of one token). Token-
+  choice routers (switch / top_k, gshard_top2, noisy_top_k, deepseek) route per token anyway, so
+  this is their evaluation routing minus capacity dropping (one token never overflows an
+  expert). It equals a full forward pass whenever that pass drops nothing. BASE needs groups of
+  a multiple of E tokens and is refused (use the 'position' layout, as its recipe does).
+  Expert choice and Soft MoE are non-causal with this layout and would see a group of one token.
+- group_layout 'position': a group is the tokens at one position of `group_size` sequences, as
+  in training, so the B rows must be a multiple of group_size; decoding position t routes
+  exactly the group a full forward pass routes at t. Every router, expert choice and Soft MoE
+  included, then gives the same outputs as recomputing the whole sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax import sharding
+from moejax.model.moe_layer import MoELayer
+
+_CACHE_AXES = ("batch", "length", "act_heads", None)
+
+
+def init_cache(model, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
+  """Zero caches, one {"k", "v": [B, max_len, H, K]} per layer, in the model's compute dtype."""
+  caches = []
+  for block in model.blocks:
+    _, heads, head_dim = block.attention.wk.shape
+    zeros = jnp.zeros((batch, max_len, heads, head_dim), model.dtype)
+    zeros = sharding.constrain(zeros, _CACHE_AXES)
+    caches.append({"k": zeros, "v": zeros})
+  return caches
+
+
+def prepare_for_decoding(model) -> None:
+  """Sets the routing groups of the decode-time MoE calls (see the module docstring).
+
+  Call once on a freshly merged model before `forward_with_cache`. Raises ValueError for a
+  router that cannot route groups of one token.
+  """
+  for block in model.blocks:
+    if isinstance(block.ffn, MoELayer) and block.ffn.group_layout == "sequence":
+      if type(block.ffn.router).__name__ == "BaseLayersRouter":
+        raise ValueError(
+          "generation with router 'base' needs model.moe.group_layout='position' (its groups "
+          "must hold a multiple of num_experts tokens; one new token per sequence does not)"
+        )
+      block.ffn.group_size = 1  # one new token is one routing group
+
+
+def forward_with_cache(model, tokens_bl, cache, offset):
+  """Logits of new tokens and the updated cache.
+
+  Args:
+    model: a `Transformer` (merged), after `prepare_for_decoding`.
+    tokens_bl: int32 [B, L] new tokens at positions offset..offset+L-1.
+    cache: from `init_cache` (or a previous call), positions < offset filled.
+    offset: int32 scalar (may be traced): number of positions already in the cache.
+
+  Returns:
+    (logits float32 [B, L, V], new cache).
+  """
+  x = jnp.take(model.embed[...], tokens_bl, axis=0).astype(model.dtype)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+  new_cache = []
+  for block, layer_cache in zip(model.blocks, cache, strict=True):
+    attn_out, layer_cache = block.attention.decode(block.attn_norm(x), layer_cache, offset)
+    new_cache.append(layer_cache)
+    x = x + attn_out
+    h = block.ffn_norm(x)
+    if isinstance(block.ffn, MoELayer):
+      y, _, _ = block.ffn(h, train=False, rng=None)
+    else:
+      y = block.ffn(h)
+    x = sharding.constrain(x + y, ("batch", "length", "act_embed"))
+  x = model.final_norm(x)
+  logits = jnp.einsum(
+    "bld,dv->blv", x, model.unembed[...].astype(x.dtype), preferred_element_type=jnp.float32
+  )
+  return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
