@@ -111,6 +111,12 @@ def activate(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]
     _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activate` context, or None (ops that need mesh axes by name)."""
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op outside `activate` (e.g. unit tests)."""
   active = _ACTIVE.get()
