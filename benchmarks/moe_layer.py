@@ -95,9 +95,10 @@ def moe_fwd(apply, k):
 
 
 def dense_fwd(x_gsd, w_in_df, w_out_fd):
-  # Letters: g groups, s tokens, d d_model, f hidden.
-  h = jax.nn.gelu(jnp.einsum("gsd,df->gsf", x_gsd, w_in_df))
-  return jnp.einsum("gsf,fd->gsd", h, w_out_fd)
+  """The dense FFN baseline, as 2-D matmuls over all tokens (the fastest form measured on CPU:
+  a 3-D einsum's backward was ~1.7x slower)."""
+  x_td = x_gsd.reshape(-1, x_gsd.shape[-1])
+  return (jax.nn.gelu(x_td @ w_in_df) @ w_out_fd).reshape(x_gsd.shape)
 
 
 def fwd_bwd(fwd):

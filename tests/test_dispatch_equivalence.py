@@ -119,12 +119,13 @@ def test_capacity_drops_exactly_the_brute_force_pairs(on_mesh):
   bank = nnx.merge(graphdef, bank_state)
   routing = jax.vmap(route_fn)(jnp.einsum("gsd,de->gse", x_gsd, w_router_de))
   kept_gn = brute_force_kept(routing.token_index, routing.expert_index, routing.valid, cap)
-  # Reference output: every expert on every token, kept pairs weighted, in a loop.
-  expect_gsd = np.zeros((G, S, D), np.float32)
+  # Reference output: a python loop over the kept pairs, in numpy.
+  x, w_in, w_out = (np.asarray(a, np.float64) for a in (x_gsd, bank.w_in[...], bank.w_out[...]))
+  gelu = lambda h: np.asarray(jax.nn.gelu(jnp.asarray(h, jnp.float32)), np.float64)
+  expect_gsd = np.zeros((G, S, D))
   for g, n in zip(*np.nonzero(kept_gn), strict=True):
     s, e = int(routing.token_index[g, n]), int(routing.expert_index[g, n])
-    h = jax.nn.gelu(x_gsd[g, s] @ bank.w_in[...][e]) @ bank.w_out[...][e]
-    expect_gsd[g, s] += float(routing.combine_weight[g, n]) * np.asarray(h)
+    expect_gsd[g, s] += float(routing.combine_weight[g, n]) * (gelu(x[g, s] @ w_in[e]) @ w_out[e])
   expect_dropped = 1.0 - kept_gn.sum() / routing.valid.sum()
   assert 0.2 < expect_dropped < 0.8  # the case really drops
   dropped_tokens = ~np.any(

@@ -30,6 +30,15 @@ class ExpertBank(nnx.Module):
     out_axes = ("expert", "expert_mlp", "expert_embed")
     self.w_out = param(rngs, (num_experts, d_expert, d_model), out_axes, out_std)
 
+  def weights(self) -> dict:
+    """The stacked arrays and the activation function, for grouped-matmul dispatches."""
+    return {
+      "w_in": self.w_in[...],
+      "w_gate": None if self.w_gate is None else self.w_gate[...],
+      "w_out": self.w_out[...],
+      "activation": activation_fn(self.activation),
+    }
+
   def hidden(self, buf_gecd):
     """Post-activation expert hidden code [G, E, C, F]."""
     dtype = buf_gecd.dtype

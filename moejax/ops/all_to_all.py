@@ -3,15 +3,17 @@
 Same semantics as the `capacity` dispatch (C slots per expert per group, pairs claim slots in
 priority order, overflow dropped), with the exchange written out instead of left to GSPMD:
 
-  each shard holds G/X' whole groups (X' = data * fsdp * expert devices) and all routing pairs
-  of them; it fills [g, E, C, D] buffers locally, `all_to_all` over 'expert' sends expert block
-  j to shard j -> [g * X, E/X, C, D]; its E/X local experts run; a second `all_to_all` returns
-  the outputs -> [g, E, C, D]; the combine is local.
+  each shard holds G/X' whole groups (X' = devices of the batch axes, data * fsdp * expert)
+  and all routing pairs of them; it fills [g, E, C, D] buffers locally; `all_to_all` over
+  'expert' sends expert block j to shard j -> [g * X, E/X, C, D]; its E/X local experts run;
+  a second `all_to_all` returns the outputs -> [g, E, C, D]; the combine is local.
 
 Design choices:
 - Fixed-capacity exchange with `jax.lax.all_to_all`: the portable path (XLA:CPU has no
   `ragged_all_to_all`, FACTS.md). Bytes per exchange per shard: g * E * C * D elements, i.e.
   the capacity slack is also sent. A ragged exchange (GPU/TPU) is not implemented here.
+- Mesh axes come from the sharding rules: experts on rules["expert"] (one axis, X devices),
+  groups on rules["batch"] (which must include it).
 - Expert weights enter the shard_map as P('expert', None, None): a weight sharded on fsdp/tensor
   (EP+FSDP+TP layouts) is all-gathered over those axes at the boundary, FSDP style.
 - No mesh, or an 'expert' axis of size 1: the layer falls back to `capacity.capacity_moe`, the
@@ -24,7 +26,6 @@ X expert-axis size, g groups on one shard.
 from __future__ import annotations
 
 import functools
-import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -38,10 +39,6 @@ from moejax.ops import dropless
 if TYPE_CHECKING:
   from moejax.model.routers import base
 
-EXPERT_AXIS = "expert"
-# Groups are split over every axis that splits the batch, so each device owns whole groups.
-GROUP_AXES = ("data", "fsdp", "expert")
-
 
 def _batched_matmul(buf_gecd, w_edf):
   # Letters: g groups, e experts, c slots, d input features, f output features.
@@ -49,7 +46,7 @@ def _batched_matmul(buf_gecd, w_edf):
 
 
 def _local_moe(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, w_in, w_gate, w_out, *,
-               activation: str, num_experts: int, capacity: int):  # fmt: skip
+               activation, expert_axis: str, num_experts: int, capacity: int):  # fmt: skip
   """Body of the shard_map, on one device's groups and local experts."""
   num_tokens = x_gsd.shape[1]
   slot_gn, kept_gn = jax.vmap(
@@ -59,19 +56,14 @@ def _local_moe(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, w_in, w_gate, w_
     functools.partial(capacity_ops.dispatch, num_experts=num_experts, capacity=capacity)
   )(x_gsd, token_gn, expert_gn, slot_gn, kept_gn)
   # [g, E, C, D] -> [X * g, E / X, C, D]: expert block j goes to shard j, groups stack up.
-  recv = jax.lax.all_to_all(buf_gecd, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
+  recv = jax.lax.all_to_all(buf_gecd, expert_axis, split_axis=1, concat_axis=0, tiled=True)
   weights = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "activation": activation}
   out = dropless.grouped_ffn(recv, weights, _batched_matmul)
-  out_gecd = jax.lax.all_to_all(out, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+  out_gecd = jax.lax.all_to_all(out, expert_axis, split_axis=0, concat_axis=1, tiled=True)
   y_gsd = jax.vmap(functools.partial(capacity_ops.combine, num_tokens=num_tokens))(
     out_gecd, token_gn, expert_gn, slot_gn, kept_gn, weight_gn
   )
   return y_gsd.astype(x_gsd.dtype), kept_gn
-
-
-def group_shards(mesh) -> int:
-  """Devices the groups are split over: the product of the GROUP_AXES sizes."""
-  return math.prod(mesh.shape[a] for a in GROUP_AXES if a in mesh.shape)
 
 
 def all_to_all_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, num_experts: int,
@@ -81,33 +73,40 @@ def all_to_all_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, nu
   Args:
     x_gsd: [G, S, D] tokens; G must be divisible by `group_shards(mesh)`.
     routing: SparseRouting with [G, N] fields.
-    experts: the ExpertBank (its stacked weights are read directly).
+    experts: the ExpertBank (its `weights()` are used directly).
     num_experts: E, divisible by the 'expert' axis size.
     capacity: C, slots per expert per group.
 
   Returns:
     y_gsd in x's dtype, and stats {"dropped_fraction": float32 scalar}.
   """
-  mesh = sharding.active_mesh()
-  if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+  active = sharding.active()
+  mesh, rules = active if active is not None else (None, {})
+  expert_axes = tuple(a for a in rules.get("expert", ()) if mesh.shape[a] > 1)
+  if not expert_axes:  # no mesh, or experts not split: the same function without exchange
     return capacity_ops.capacity_moe(
       x_gsd, routing, experts, num_experts=num_experts, capacity=capacity
     )
-  shards, num_groups = group_shards(mesh), x_gsd.shape[0]
-  if num_groups % shards:
+  if len(expert_axes) > 1:
+    raise ValueError(f"dispatch 'all_to_all' needs experts on one mesh axis, got {expert_axes}")
+  # Each device owns whole groups: they are split over the mesh axes that split the batch.
+  group_axes = rules["batch"]
+  shards, num_groups = sharding.axes_size(mesh, group_axes), x_gsd.shape[0]
+  if num_groups % shards or expert_axes[0] not in group_axes:
     raise ValueError(
       f"dispatch 'all_to_all' needs the {num_groups} routing groups to split evenly over the "
-      f"{shards} devices of mesh axes {GROUP_AXES}; change model.moe.group_size or the batch"
+      f"{shards} devices of the batch axes {group_axes} (which must include {expert_axes[0]!r}); "
+      "change model.moe.group_size or the batch"
     )
-  weights = dropless.expert_weights(experts)
+  weights = experts.weights()
   dtype = x_gsd.dtype
   w_in, w_out = weights["w_in"].astype(dtype), weights["w_out"].astype(dtype)
   w_gate = None if weights["w_gate"] is None else weights["w_gate"].astype(dtype)
-  group_axes = tuple(a for a in GROUP_AXES if a in mesh.shape)
-  g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(EXPERT_AXIS, None, None)
+  g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(expert_axes[0], None, None)
   body = functools.partial(
-    _local_moe, activation=weights["activation"], num_experts=num_experts, capacity=capacity
-  )
+    _local_moe, activation=weights["activation"], expert_axis=expert_axes[0],
+    num_experts=num_experts, capacity=capacity,
+  )  # fmt: skip
   y_gsd, kept_gn = jax.shard_map(
     body,
     mesh=mesh,
