@@ -7,8 +7,9 @@ does the same active matmul FLOPs per token as one dense FFN of hidden d_ff (par
 with E, cost per token should not). Routing is Switch/top-k token choice on random tokens with
 a learned-looking (random) router; capacity factor 1.25 for the capacity paths. Columns:
 
-- time_ratio_vs_dense: median fwd+bwd wall time (grads w.r.t. tokens, router and expert
-  weights) of the MoE layer / the dense FFN, both jitted, measured in this process on 1 device.
+- time_ratio_vs_dense: fwd+bwd wall time (grads w.r.t. tokens, router and expert weights) of
+  the MoE layer / the dense FFN, both jitted, on 1 device in this process: runs alternate
+  dense, MoE, dense, MoE, ... after warm-up, and the median of the per-pair ratios is reported.
 - flops_ratio_vs_ideal: XLA cost-analysis FLOPs of the fwd+bwd / ideal active FLOPs
   (3 x 2 x T x k x 2 x D x F/k). XLA counts a while-loop body once, so for the blocked dropless
   matmul (a scan) the ratio is the executed rows / valid pairs instead (`flops_source`).
@@ -106,15 +107,23 @@ def fwd_bwd(fwd):
   return jax.jit(jax.grad(lambda *args: jnp.sum(fwd(*args) ** 2), argnums=(0, 1, 2)))
 
 
-def median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
+def paired_times(fn, args, dense_fn, dense_args, repeats):
+  """Median seconds of fn and of the dense baseline, and the median of their per-pair ratios.
+
+  Runs alternate (dense, fn, dense, fn, ...) after a warm-up of each, so a load change on a
+  shared machine hits both sides of a ratio alike.
+  """
+  for f, a in ((fn, args), (dense_fn, dense_args)):
+    jax.block_until_ready(f(*a))  # compile + warm-up
+    jax.block_until_ready(f(*a))
+  times, dense_times = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for f, a, out in ((dense_fn, dense_args, dense_times), (fn, args, times)):
+      start = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      out.append(time.perf_counter() - start)
+  ratios = [t / d for t, d in zip(times, dense_times, strict=True)]
+  return statistics.median(times), statistics.median(dense_times), statistics.median(ratios)
 
 
 def compiled_stats(fn, args):
@@ -228,9 +237,8 @@ def run(args):
   )
   dense_step = fwd_bwd(dense_fwd)
   dense_flops, dense_peak, _ = compiled_stats(dense_step, dense_args)
-  dense_times = [median_seconds(dense_step, dense_args, args.repeats)]
-  print(f"dense fwd+bwd {dense_times[0] * 1e3:.1f} ms, XLA flops / ideal "
-        f"{dense_flops / ideal:.3f}", flush=True)  # fmt: skip
+  dense_times = []
+  print(f"dense XLA flops / ideal {dense_flops / ideal:.3f}", flush=True)
   for num_experts in args.experts:
     for k in args.top_k:
       graphdef, bank_state, x_gsd, w_router_de = make_problem(t, d, f, num_experts, k)
@@ -248,10 +256,12 @@ def run(args):
         if dispatch != "all_to_all":
           step = fwd_bwd(fwd)
           flops, peak, _ = compiled_stats(step, problem)
-          seconds = median_seconds(step, problem, args.repeats)
-          dense_times.append(median_seconds(dense_step, dense_args, args.repeats))
-          row["time_ratio_vs_dense"] = seconds / dense_times[-1]
-          row["ms"] = seconds * 1e3
+          seconds, dense_s, ratio = paired_times(
+            step, problem, dense_step, dense_args, args.repeats
+          )
+          dense_times.append(dense_s)
+          row["time_ratio_vs_dense"] = ratio
+          row["ms"], row["dense_ms"] = seconds * 1e3, dense_s * 1e3
           row["xla_flops"] = flops
           if gm == "blocked":
             row["flops_ratio_vs_ideal"] = dropless_rows_ratio(

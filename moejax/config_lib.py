@@ -297,16 +297,12 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
     )
   batch_shards = math.prod(shape[a] for a in rules["batch"])
-  group_shards = shape["data"] * shape["fsdp"] * shape["expert"]
-  if (
-    moe.dispatch == "all_to_all"
-    and shape["expert"] > 1
-    and (tokens // moe.group_size) % group_shards
-  ):
+  experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
+  if moe.dispatch == "all_to_all" and experts_split and (tokens // moe.group_size) % batch_shards:
     raise ConfigError(
       f"model.moe.dispatch='all_to_all' needs the {tokens // moe.group_size} routing groups per "
-      f"batch to split evenly over the {group_shards} data*fsdp*expert devices of mesh {shape}; "
-      "use a smaller model.moe.group_size or a bigger train.batch_size"
+      f"batch to split evenly over the {batch_shards} devices of the batch axes {rules['batch']}"
+      f" of {shape}; use a smaller model.moe.group_size or a bigger train.batch_size"
     )
   if t.batch_size % batch_shards:
     raise ConfigError(

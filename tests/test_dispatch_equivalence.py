@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from moejax import sharding
+from moejax import config_lib, sharding
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import expert_choice, top_k
 from moejax.ops import all_to_all, capacity, dropless
@@ -169,3 +169,18 @@ def test_all_to_all_rejects_groups_that_do_not_split():
       all_to_all.all_to_all_moe(
         x_gsd[:4], routing, nnx.merge(graphdef, bank_state), num_experts=E, capacity=S
       )
+
+
+def test_config_validates_dispatch():
+  c = config_lib.default_config()
+  c.model.moe.dispatch = "ragged"
+  with pytest.raises(config_lib.ConfigError, match="dispatch='ragged' is not one of: capacity"):
+    config_lib.validate(c, 1)
+  c.model.moe.dispatch = "all_to_all"
+  c.mesh.expert = 4
+  assert config_lib.validate(c, 8)["expert"] == 4  # 32 x 128 tokens / 256 = 16 groups, 8 devices
+  c.model.moe.group_size = 1024  # 4 groups for 8 devices
+  with pytest.raises(config_lib.ConfigError, match="4 routing groups per batch to split evenly"):
+    config_lib.validate(c, 8)
+  c.mesh.expert = 1  # experts not split: all_to_all runs locally, any group count works
+  config_lib.validate(c, 8)
