@@ -16,9 +16,12 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from moejax import config_lib, sharding
+from moejax.model import routers
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import expert_choice, top_k
+from moejax.model.transformer import Transformer
 from moejax.ops import all_to_all, capacity, dropless
+from tests.helpers import tiny_config
 
 G, S, D, F, E = 8, 16, 16, 32, 8  # groups, tokens per group, d_model, expert hidden, experts
 
@@ -66,7 +69,12 @@ def mesh_8():
 def run_all(route_fn, cap, mesh, activation="gelu"):
   graphdef, bank_state, x_gsd, w_router_de = make_inputs(activation)
   results = {}
+  # Without a mesh all_to_all is the capacity code (covered by the dropping test below); on the
+  # mesh dropless runs per device with either grouped matmul, so one of them suffices there.
+  skip = "dropless_ragged_dot" if mesh is not None else "all_to_all"
   for name, dispatch_fn in DISPATCHES.items():
+    if name == skip:
+      continue
     loss = moe_loss_fn(dispatch_fn, route_fn, graphdef, cap)
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     if mesh is None:
@@ -184,3 +192,29 @@ def test_config_validates_dispatch():
     config_lib.validate(c, 8)
   c.mesh.expert = 1  # experts not split: all_to_all runs locally, any group count works
   config_lib.validate(c, 8)
+
+
+SPARSE_ROUTERS = [name for name in routers.ROUTERS if name not in ("soft_moe", "switch")]
+
+
+@pytest.mark.parametrize("router", SPARSE_ROUTERS)
+def test_every_sparse_router_runs_dropless_in_the_model(router):
+  """Through the whole model (eval mode, a capacity that drops nothing), dropless == capacity."""
+  cfg = tiny_config("unused")
+  m = cfg.model
+  m.num_layers, m.d_model, m.d_ff, m.vocab_size = 2, 32, 64, 64
+  m.moe.router, m.moe.top_k, m.moe.group_size = router, 1 if router == "base" else 2, 16
+  m.moe.eval_capacity_factor = float(m.moe.num_experts)  # C = S * k: nothing dropped
+  if router == "expert_choice":
+    m.moe.eval_capacity_factor = 2.0  # expert choice: c = 2 S / E tokens per expert, all kept
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, m.vocab_size)
+  logits = {}
+  for dispatch in ("capacity", "dropless"):
+    m.moe.dispatch = dispatch
+    model = Transformer(m, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t, train=False))
+    logits[dispatch], aux = forward(state, tokens)
+    dropped = [v for k, v in aux["metrics"].items() if k.endswith("dropped_fraction")]
+    assert dropped and all(float(v) == 0.0 for v in dropped), (dispatch, dropped)
+  np.testing.assert_allclose(logits["dropless"], logits["capacity"], atol=1e-5, rtol=1e-5)
