@@ -98,14 +98,18 @@ def _block_dot_bwd(res, g_qbf):
 
     def step():
       dx_bd = jnp.dot(g_bf, w_edf[e].T, preferred_element_type=x_bd.dtype)
-      # In-place update of one expert's slice of the carried gradient.
-      dw_df = jax.lax.dynamic_index_in_dim(dw_edf, e, keepdims=False) + x_bd.T @ g_bf
-      return jax.lax.dynamic_update_index_in_dim(dw_edf, dw_df.astype(dw_edf.dtype), e, 0), dx_bd
+      # In-place update of one expert's slice of the carried gradient (float32 accumulator, so
+      # bf16 compute does not round the sum over blocks).
+      dw_df = jax.lax.dynamic_index_in_dim(dw_edf, e, keepdims=False) + jnp.dot(
+        x_bd.T, g_bf, preferred_element_type=jnp.float32
+      )
+      return jax.lax.dynamic_update_index_in_dim(dw_edf, dw_df, e, 0), dx_bd
 
     return jax.lax.cond(used, step, lambda: (dw_edf, jnp.zeros_like(x_bd)))
 
-  dw_edf, dx_qbd = jax.lax.scan(body, jnp.zeros_like(w_edf), (x_qbd, g_qbf, expert_q, used_q))
-  return dx_qbd, dw_edf, None, None
+  dw0_edf = jnp.zeros(w_edf.shape, jnp.float32)
+  dw_edf, dx_qbd = jax.lax.scan(body, dw0_edf, (x_qbd, g_qbf, expert_q, used_q))
+  return dx_qbd, dw_edf.astype(w_edf.dtype), None, None
 
 
 block_dot.defvjp(_block_dot_fwd, _block_dot_bwd)
