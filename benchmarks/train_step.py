@@ -1,6 +1,7 @@
 r"""Train-step throughput: the MoE model vs a dense model of equal active FLOPs, in one process.
 
   python -m benchmarks.train_step [--config configs/switch_base.py:tiny] [--repeats 5] [--json OUT]
+  python -m benchmarks.train_step --size 100m --repeats 2   # ~117M parameters, 8 experts
 
 The dense baseline replaces every MoE layer by a dense MLP of hidden size top_k * d_expert, so
 both models do the same matmul FLOPs per token (the MoE adds routing, dispatch and the capacity
@@ -46,6 +47,16 @@ def dense_equivalent(cfg):
   return dense
 
 
+def resize_100m(cfg):
+  """~117M parameters (8 layers, d_model 512, d_ff 2048, 8 experts every other layer, vocab
+  32000), batch 8 x 128: big enough that matmuls dominate, small enough for a CPU."""
+  m, t = cfg.model, cfg.train
+  m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.d_ff = 32_000, 8, 512, 8, 2048
+  m.moe.num_experts, m.moe.top_k, m.moe.d_expert, m.moe.group_size = 8, 1, 0, 256
+  t.batch_size, t.seq_len = 8, 128
+  return cfg
+
+
 def compiled_step(cfg):
   """(step, state, batch): the jitted train step of `cfg`, warmed up, with a random batch."""
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
@@ -89,23 +100,35 @@ def main():
   parser.add_argument("--config", default="configs/switch_base.py:tiny")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", default=None, help="write the row as JSON here")
+  parser.add_argument("--size", choices=("config", "100m"), default="config",
+                      help="'100m' resizes the config's model to ~117M parameters")  # fmt: skip
   args = parser.parse_args()
   cfg = load_config(args.config)
+  if args.size == "100m":
+    cfg = resize_100m(cfg)
   tokens = cfg.train.batch_size * cfg.train.seq_len
   moe_s = seconds_per_step(cfg, args.repeats)
   dense_s = seconds_per_step(dense_equivalent(cfg), args.repeats)
+  num_params = sum(
+    x.size
+    for x in jax.tree.leaves(
+      nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    )
+  )
   row = {
-    "config": args.config,
+    "config": args.config + ("" if args.size == "config" else f" --size {args.size}"),
+    "num_params": num_params,
     "device": jax.devices()[0].device_kind,
     "tokens_per_step": tokens,
     "moe_tokens_per_second": tokens / moe_s,
     "dense_tokens_per_second": tokens / dense_s,
     "time_ratio_vs_dense": moe_s / dense_s,
   }
-  print("| config | device | MoE tok/s | dense tok/s | MoE time / dense time |")
-  print("|---|---|---|---|---|")
+  print("| config | params | device | MoE tok/s | dense tok/s | MoE time / dense time |")
+  print("|---|---|---|---|---|---|")
   print(
-    f"| {row['config']} | {row['device']} | {row['moe_tokens_per_second']:.0f} | "
+    f"| {row['config']} | {num_params / 1e6:.0f}M | {row['device']} | "
+    f"{row['moe_tokens_per_second']:.0f} | "
     f"{row['dense_tokens_per_second']:.0f} | {row['time_ratio_vs_dense']:.2f} |"
   )
   if args.json:

@@ -15,7 +15,7 @@ from absl import logging
 from moejax import sharding
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
-DISPATCHES = ("capacity",)
+DISPATCHES = ("capacity", "dropless", "all_to_all")  # moejax/model/moe_layer.py
 GROUP_LAYOUTS = ("sequence", "position")
 DTYPES = ("float32", "bfloat16")
 
@@ -315,6 +315,13 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
     )
   batch_shards = math.prod(shape[a] for a in rules["batch"])
+  experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
+  if moe.dispatch == "all_to_all" and experts_split and (tokens // moe.group_size) % batch_shards:
+    raise ConfigError(
+      f"model.moe.dispatch='all_to_all' needs the {tokens // moe.group_size} routing groups per "
+      f"batch to split evenly over the {batch_shards} devices of the batch axes {rules['batch']}"
+      f" of {shape}; use a smaller model.moe.group_size or a bigger train.batch_size"
+    )
   if t.batch_size % batch_shards:
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the {batch_shards} devices the batch"

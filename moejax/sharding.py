@@ -111,6 +111,20 @@ def activate(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Mapping[str, tuple[str, ...]]] | None:
+  """(mesh, rules) of the enclosing `activate` context, or None: for ops that map over devices
+  (shard_map), which find their mesh axes through the rules, e.g. rules["expert"]."""
+  return _ACTIVE.get()
+
+
+def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
+  """Number of devices along the given mesh axes."""
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op outside `activate` (e.g. unit tests)."""
   active = _ACTIVE.get()

@@ -1,6 +1,7 @@
 """The expert bank: E feed-forward networks as stacked weights, applied to dispatch buffers.
 
-Einsum letters: g groups, e experts, c capacity slots, d d_model, f expert hidden.
+Einsum letters: g groups, e experts, c capacity slots, n = g * c rows of one expert, d d_model,
+f expert hidden.
 """
 
 from __future__ import annotations
@@ -30,18 +31,49 @@ class ExpertBank(nnx.Module):
     out_axes = ("expert", "expert_mlp", "expert_embed")
     self.w_out = param(rngs, (num_experts, d_expert, d_model), out_axes, out_std)
 
+  def weights(self) -> dict:
+    """The stacked arrays and the activation function, for grouped-matmul dispatches."""
+    return {
+      "w_in": self.w_in[...],
+      "w_gate": None if self.w_gate is None else self.w_gate[...],
+      "w_out": self.w_out[...],
+      "activation": activation_fn(self.activation),
+    }
+
   def hidden(self, buf_gecd):
     """Post-activation expert hidden code [G, E, C, F]."""
-    dtype = buf_gecd.dtype
-    h = jnp.einsum("gecd,edf->gecf", buf_gecd, self.w_in[...].astype(dtype))
-    h = activation_fn(self.activation)(h)
-    if self.w_gate is not None:
-      h = h * jnp.einsum("gecd,edf->gecf", buf_gecd, self.w_gate[...].astype(dtype))
-    return sharding.constrain(h, (*_BUF_AXES, "act_mlp"))
+    g, e, c, _ = buf_gecd.shape
+    h_enf = self._hidden_rows(_to_rows(buf_gecd))
+    return sharding.constrain(_from_rows(h_enf, g, c), (*_BUF_AXES, "act_mlp"))
 
   def __call__(self, buf_gecd):
     """[G, E, C, D] token buffers -> [G, E, C, D] expert outputs (expert e on buffer e)."""
-    out = jnp.einsum(
-      "gecf,efd->gecd", self.hidden(buf_gecd), self.w_out[...].astype(buf_gecd.dtype)
-    )
-    return sharding.constrain(out, (*_BUF_AXES, "act_embed"))
+    g, e, c, _ = buf_gecd.shape
+    h_enf = self._hidden_rows(_to_rows(buf_gecd))
+    out_end = jnp.einsum("enf,efd->end", h_enf, self.w_out[...].astype(buf_gecd.dtype))
+    return sharding.constrain(_from_rows(out_end, g, c), (*_BUF_AXES, "act_embed"))
+
+  def _hidden_rows(self, x_end):
+    """[E, N, D] rows of each expert -> [E, N, F] post-activation hidden code."""
+    dtype = x_end.dtype
+    h = jnp.einsum("end,edf->enf", x_end, self.w_in[...].astype(dtype))
+    h = activation_fn(self.activation)(h)
+    if self.w_gate is not None:
+      h = h * jnp.einsum("end,edf->enf", x_end, self.w_gate[...].astype(dtype))
+    return sharding.constrain(h, _ROW_AXES)
+
+
+# The experts run on [E, N = G*C, D]: one matmul per expert over the slots of all groups. On
+# XLA:CPU this form's fwd+bwd measured 1.33x a dense FFN on as many rows, the [G, E, C, D]
+# einsum 2.1x (E 8, C 80, D 256, F 1024), mostly in the backward.
+_ROW_AXES = ("act_expert", "group", "act_mlp")
+
+
+def _to_rows(buf_gecd):
+  g, e, c, d = buf_gecd.shape
+  return jnp.swapaxes(buf_gecd, 0, 1).reshape(e, g * c, d)
+
+
+def _from_rows(x_enk, g, c):
+  e, _, k = x_enk.shape
+  return jnp.swapaxes(x_enk.reshape(e, g, c, k), 0, 1)

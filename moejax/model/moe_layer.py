@@ -20,10 +20,14 @@ from flax import nnx
 from moejax import sharding
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import base
-from moejax.ops import capacity, soft
+from moejax.ops import all_to_all, capacity, dropless, soft
 
 # Dispatch implementations of sparse routing, by `model.moe.dispatch`.
-DISPATCHES = {"capacity": capacity.capacity_moe}
+DISPATCHES = {
+  "capacity": capacity.capacity_moe,
+  "dropless": dropless.dropless_moe,
+  "all_to_all": all_to_all.all_to_all_moe,
+}
 GROUP_LAYOUTS = ("sequence", "position")
 
 

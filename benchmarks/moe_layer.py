@@ -1,0 +1,341 @@
+r"""MoE layer cost vs a dense FFN of equal active FLOPs, per dispatch, as the expert count grows.
+
+  python -m benchmarks.moe_layer [--quick] [--json OUT.json] [--tokens 8192 --d-model 512 ...]
+
+For E in {8, 64, 128} and k in {1, 2}: the expert hidden size is d_ff / k, so every (E, k)
+does the same active matmul FLOPs per token as one dense FFN of hidden d_ff (parameters grow
+with E, cost per token should not). Routing is Switch/top-k token choice on random tokens with
+a learned-looking (random) router; capacity factor 1.25 for the capacity paths. Columns:
+
+- time_ratio_vs_dense: fwd+bwd wall time (grads w.r.t. tokens, router and expert weights) of
+  the MoE layer / the dense FFN, both jitted, on 1 device in this process: runs alternate
+  dense, MoE, dense, MoE, ... after warm-up, and the median of the per-pair ratios is reported.
+- flops_ratio_vs_ideal: XLA cost-analysis FLOPs of the fwd+bwd / ideal active FLOPs
+  (3 x 2 x T x k x 2 x D x F/k). XLA counts a while-loop body once, so for the blocked dropless
+  matmul (a scan) the ratio is the executed rows / valid pairs instead (`flops_source`).
+- peak_mib: compiled peak memory of the fwd+bwd (XLA memory analysis).
+- collective_ratio: on a {data: 2, expert: 4} mesh of simulated devices, bytes that leave a
+  device in the forward pass's collectives (parsed from the compiled HLO) / the minimum for
+  expert parallelism: each of the T*k token copies whose expert lives on another of the X
+  expert shards goes there and back: 2 x T x k x D x 4 bytes x (X - 1) / X.
+
+`all_to_all` runs the capacity path on one device (no exchange), so its time and FLOPs are
+those of `capacity`; only its collective column is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import statistics
+import time
+
+if __name__ == "__main__":  # 8 simulated devices for the mesh column; before jax is imported
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  )
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax import sharding
+from moejax.model import moe_layer
+from moejax.model.experts import ExpertBank
+from moejax.model.routers import top_k
+from moejax.ops import capacity as capacity_ops
+from moejax.ops import dropless
+
+CAPACITY_FACTOR = 1.25
+GROUP_SIZE = 512  # 8 groups at the quick size: one per device of the mesh
+MESH_SHAPE = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+
+
+def make_problem(tokens, d_model, d_ff, num_experts, k, seed=0):
+  """Tokens [G, S, D], router weights [D, E] and an ExpertBank of hidden d_ff / k."""
+  bank = ExpertBank(num_experts, d_model, d_ff // k, activation="gelu", init_std=0.02,
+                    out_std=0.02, rngs=nnx.Rngs(seed))  # fmt: skip
+  graphdef, bank_state = nnx.split(bank)
+  rng = np.random.default_rng(seed)
+  group = min(GROUP_SIZE, tokens)
+  x_gsd = jnp.asarray(rng.normal(size=(tokens // group, group, d_model)), jnp.float32)
+  w_router_de = jnp.asarray(rng.normal(size=(d_model, num_experts)) * 0.5, jnp.float32)
+  return graphdef, bank_state, x_gsd, w_router_de
+
+
+def route(x_gsd, w_router_de, k):
+  """Top-k token-choice routing of every group (Switch for k = 1)."""
+  logits_gse = jnp.einsum("gsd,de->gse", x_gsd, w_router_de)
+  return jax.vmap(lambda l_se: top_k.route_top_k(l_se, top_k=k))(logits_gse)
+
+
+def dispatch_fn(graphdef, dispatch, num_experts, capacity, grouped_matmul=None):
+  """(x [G, S, D], routing, expert state) -> y [G, S, D] through one dispatch."""
+  fn = moe_layer.DISPATCHES[dispatch]
+  if dispatch == "dropless":
+    fn = functools.partial(dropless.dropless_moe, grouped_matmul=grouped_matmul)
+
+  def apply(x_gsd, routing, bank_state):
+    bank = nnx.merge(graphdef, bank_state)
+    return fn(x_gsd, routing, bank, num_experts=num_experts, capacity=capacity)[0]
+
+  return apply
+
+
+def moe_fwd(apply, k):
+  """The whole layer: route, then dispatch; (x, router weights, expert state) -> y."""
+  return lambda x_gsd, w_router_de, bank_state: apply(
+    x_gsd, route(x_gsd, w_router_de, k), bank_state
+  )
+
+
+def dense_fwd(x_gsd, w_in_df, w_out_fd):
+  """The dense FFN baseline, as 2-D matmuls over all tokens (the fastest form measured on CPU:
+  a 3-D einsum's backward was ~1.7x slower)."""
+  x_td = x_gsd.reshape(-1, x_gsd.shape[-1])
+  return (jax.nn.gelu(x_td @ w_in_df) @ w_out_fd).reshape(x_gsd.shape)
+
+
+def fwd_bwd(fwd):
+  """Gradients of a scalar of the output w.r.t. every argument (tokens and weights)."""
+  return jax.jit(jax.grad(lambda *args: jnp.sum(fwd(*args) ** 2), argnums=(0, 1, 2)))
+
+
+def paired_times(fn, args, dense_fn, dense_args, repeats):
+  """Median seconds of fn and of the dense baseline, and the median of their per-pair ratios.
+
+  Runs alternate (dense, fn, dense, fn, ...) after a warm-up of each, so a load change on a
+  shared machine hits both sides of a ratio alike.
+  """
+  for f, a in ((fn, args), (dense_fn, dense_args)):
+    jax.block_until_ready(f(*a))  # compile + warm-up
+    jax.block_until_ready(f(*a))
+  times, dense_times = [], []
+  for _ in range(repeats):
+    for f, a, out in ((dense_fn, dense_args, dense_times), (fn, args, times)):
+      start = time.perf_counter()
+      jax.block_until_ready(f(*a))
+      out.append(time.perf_counter() - start)
+  ratios = [t / d for t, d in zip(times, dense_times, strict=True)]
+  return statistics.median(times), statistics.median(dense_times), statistics.median(ratios)
+
+
+def compiled_stats(fn, args):
+  compiled = fn.lower(*args).compile()
+  flops = float(compiled.cost_analysis().get("flops", float("nan")))
+  return flops, compiled.memory_analysis().peak_memory_in_bytes, compiled
+
+
+_COLLECTIVE = re.compile(
+  r"=\s*(\(?[^=]*?\)?)\s+(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
+  r"(?:-start)?\((.*)$"
+)
+_SHAPE = re.compile(r"(f32|bf16|f16|s32|u32|pred|s8|u8)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
+
+
+def _shape_bytes(text):
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+  return total
+
+
+def _group_size(attrs, num_devices):
+  """Devices per replica group, from any of XLA's three spellings of replica_groups."""
+  m = re.search(r"replica_groups=\{\{([\d,]+)\}", attrs)
+  if m:  # explicit: {{0,1,2,3},{4,5,6,7}}
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
+  if m:  # iota: [groups, size]<=[devices]
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
+  if m:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the product of the listed axes
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
+  return num_devices
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> float:
+  """Bytes that leave devices, summed over devices, for the collectives of an HLO module.
+
+  Per device and op, with X devices in its replica group and B the op's per-device result
+  bytes: all-to-all and all-gather send B (X-1)/X, reduce-scatter B (X-1), all-reduce (ring)
+  2 B (X-1)/X, collective-permute B.
+  """
+  total = 0.0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m or "-done" in line:
+      continue
+    result, op, attrs = m.groups()
+    size = _shape_bytes(result)
+    x = _group_size(attrs, num_devices)
+    if x <= 1:
+      continue
+    per_device = {
+      "all-to-all": size * (x - 1) / x,
+      "all-gather": size * (x - 1) / x,
+      "reduce-scatter": size * (x - 1),
+      "all-reduce": 2 * size * (x - 1) / x,
+      "collective-permute": size,
+    }[op]
+    total += per_device * num_devices
+  return total
+
+
+def mesh_collectives(dispatch_fn, x_gsd, routing, bank_state):
+  """Collective bytes of one dispatch (forward) on the {data: 2, expert: 4} mesh.
+
+  The routing is an input, sharded like the tokens (whole groups per device), so only the
+  dispatch's own collectives are counted, not the router's.
+  """
+  devices = jax.devices()[:8]
+  sizes = tuple(MESH_SHAPE[a] for a in sharding.MESH_AXES)
+  mesh = jax.make_mesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
+  rules = sharding.DEFAULT_RULES
+  groups = ("data", "fsdp", "expert")  # the batch (hence whole groups) is split over all three
+  bank_shardings = jax.tree.map(
+    lambda v: NamedSharding(mesh, sharding.logical_to_spec(sharding.param_axes(v), rules)),
+    bank_state,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
+  routing_sharding = jax.tree.map(
+    lambda a: NamedSharding(mesh, P(groups, *([None] * (a.ndim - 1)))), routing
+  )
+  shardings = (NamedSharding(mesh, P(groups, None, None)), routing_sharding, bank_shardings)
+  with sharding.activate(mesh, rules):
+    compiled = jax.jit(dispatch_fn, in_shardings=shardings).lower(x_gsd, routing, bank_state)
+    compiled = compiled.compile()
+  return collective_bytes(compiled.as_text(), len(devices))
+
+
+def dropless_rows_ratio(routing, num_experts):
+  """Executed rows of the blocked grouped matmul / valid pairs, for this routing."""
+  block = dropless.block_rows(routing.expert_index.size, num_experts)
+  _, _, used_q = dropless.blocked_layout(
+    routing.expert_index.reshape(-1), routing.valid.reshape(-1), num_experts, block
+  )
+  return float(jnp.sum(used_q) * block / jnp.sum(routing.valid))
+
+
+def run(args):
+  rows = []
+  t, d, f = args.tokens, args.d_model, args.d_ff
+  ideal = 3 * 2 * t * 2 * d * f  # fwd + 2x bwd, two matmuls, active hidden d_ff
+  rng = np.random.default_rng(1)
+  dense_args = (
+    jnp.asarray(rng.normal(size=(t // min(GROUP_SIZE, t), min(GROUP_SIZE, t), d)), jnp.float32),
+    jnp.asarray(rng.normal(size=(d, f)) * 0.02, jnp.float32),
+    jnp.asarray(rng.normal(size=(f, d)) * 0.02, jnp.float32),
+  )
+  dense_step = fwd_bwd(dense_fwd)
+  dense_flops, dense_peak, _ = compiled_stats(dense_step, dense_args)
+  dense_times = []
+  print(f"dense XLA flops / ideal {dense_flops / ideal:.3f}", flush=True)
+  for num_experts in args.experts:
+    for k in args.top_k:
+      graphdef, bank_state, x_gsd, w_router_de = make_problem(t, d, f, num_experts, k)
+      problem = (x_gsd, w_router_de, bank_state)
+      cap = capacity_ops.token_choice_capacity(x_gsd.shape[1], num_experts, k, CAPACITY_FACTOR)
+      variants = [("capacity", None), ("dropless", "blocked"), ("all_to_all", None)]
+      if num_experts <= args.ragged_max_experts:
+        variants.append(("dropless", "ragged_dot"))
+      for dispatch, gm in variants:
+        apply = dispatch_fn(graphdef, dispatch, num_experts, cap, gm)
+        fwd = moe_fwd(apply, k)
+        row = {"dispatch": dispatch if gm is None else f"{dispatch}:{gm}",
+               "num_experts": num_experts, "top_k": k, "d_expert": f // k, "capacity": cap,
+               "tokens": t, "d_model": d}  # fmt: skip
+        if dispatch != "all_to_all":
+          step = fwd_bwd(fwd)
+          flops, peak, _ = compiled_stats(step, problem)
+          seconds, dense_s, ratio = paired_times(
+            step, problem, dense_step, dense_args, args.repeats
+          )
+          dense_times.append(dense_s)
+          row["time_ratio_vs_dense"] = ratio
+          row["ms"], row["dense_ms"] = seconds * 1e3, dense_s * 1e3
+          row["xla_flops"] = flops
+          if gm == "blocked":
+            row["flops_ratio_vs_ideal"] = dropless_rows_ratio(
+              route(x_gsd, w_router_de, k), num_experts
+            )
+            row["flops_source"] = "executed rows / valid pairs"
+          else:
+            row["flops_ratio_vs_ideal"] = flops / ideal
+            row["flops_source"] = "XLA cost analysis"
+          row["peak_mib"] = peak / 2**20
+        else:
+          row.update(time_ratio_vs_dense=None, flops_ratio_vs_ideal=None)
+        if len(jax.devices()) >= 8 and gm != "ragged_dot":
+          x_shards = MESH_SHAPE["expert"]
+          minimum = 2 * t * k * d * 4 * (x_shards - 1) / x_shards
+          row["collective_ratio"] = (
+            mesh_collectives(apply, x_gsd, route(x_gsd, w_router_de, k), bank_state) / minimum
+          )
+        rows.append(row)
+        print(format_row(row), flush=True)
+  return rows, {"dense_ms_median": statistics.median(dense_times) * 1e3,
+                "dense_ms_all": [s * 1e3 for s in dense_times],
+                "dense_flops_ratio_vs_ideal": dense_flops / ideal,
+                "dense_peak_mib": dense_peak / 2**20}  # fmt: skip
+
+
+HEADER = (
+  "| dispatch | E | k | d_expert | C | ms fwd+bwd | time / dense | FLOPs / ideal | peak MiB | "
+  "collective bytes / min |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r):
+  fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
+  return (
+    f"| {r['dispatch']} | {r['num_experts']} | {r['top_k']} | {r['d_expert']} | "
+    f"{r['capacity']} | {fmt(r.get('ms'), 0)} | {fmt(r['time_ratio_vs_dense'])} | "
+    f"{fmt(r['flops_ratio_vs_ideal'])} | {fmt(r.get('peak_mib'), 0)} | "
+    f"{fmt(r.get('collective_ratio'))} |"
+  )
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="T 4096, D 256, F 1024, 3 repeats")
+  parser.add_argument("--json", default=None, help="write the rows as a JSON list here")
+  parser.add_argument("--tokens", type=int, default=8192)
+  parser.add_argument("--d-model", type=int, default=512)
+  parser.add_argument("--d-ff", type=int, default=2048)
+  parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 128])
+  parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+  parser.add_argument("--repeats", type=int, default=5)
+  ragged_help = "ragged_dot is a masked dense matmul on CPU (E x cost): skip above this E"
+  parser.add_argument("--ragged-max-experts", type=int, default=8, help=ragged_help)
+  args = parser.parse_args()
+  if args.quick:
+    args.tokens, args.d_model, args.d_ff, args.repeats = 4096, 256, 1024, 3
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; T={args.tokens} "
+        f"D={args.d_model} d_ff={args.d_ff}; group size {min(GROUP_SIZE, args.tokens)}, "
+        f"capacity factor {CAPACITY_FACTOR}, float32", flush=True)  # fmt: skip
+  start = time.perf_counter()
+  rows, dense = run(args)
+  all_ms = ", ".join(f"{m:.0f}" for m in dense["dense_ms_all"])
+  print(f"\ndense FFN fwd+bwd median {dense['dense_ms_median']:.1f} ms (all: {all_ms}); XLA "
+        f"FLOPs / ideal {dense['dense_flops_ratio_vs_ideal']:.3f}; peak "
+        f"{dense['dense_peak_mib']:.0f} MiB\n")  # fmt: skip
+  print(HEADER)
+  for r in rows:
+    print(format_row(r))
+  print(f"\n({time.perf_counter() - start:.0f} s)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
