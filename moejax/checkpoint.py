@@ -115,9 +115,13 @@ class Checkpointer:
     wanted = {
       _path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)
     }
-    if saved == wanted:
+    if saved == wanted or None in saved.values():  # unknown shapes = damage, not a config change
       return
+    # Only model and optimizer keys shape the state; other changes (train.steps) are allowed.
     diff = _config_diff(saved_config, config) if saved_config else []
+    diff = [d for d in diff if d.startswith(("model.", "optim."))]
+    if saved_config and not diff:
+      return  # same config, other arrays: the metadata is damaged; restore_latest handles it
     arrays = sorted(set(saved) ^ set(wanted)) or [k for k in wanted if saved[k] != wanted[k]]
     shown = arrays[0] + (f" {saved.get(arrays[0])} vs {wanted.get(arrays[0])}")
     keys = "; ".join(diff[:8]) if diff else "none found in WORKDIR/config.json"

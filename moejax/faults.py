@@ -56,10 +56,13 @@ def keep_if_finite(ok: jax.Array, new_state, old_state):
 
 
 def poison(value: jax.Array, step: jax.Array, poison_step: int) -> jax.Array:
-  """Test hook (train.debug_poison_step): NaN at 1-based step `poison_step`, else `value`."""
+  """Test hook (train.debug_poison_step): `value` times NaN at 1-based step `poison_step`.
+
+  A product (not a select) so that the gradients of that step are NaN too.
+  """
   if poison_step <= 0:
     return value
-  return jnp.where(step + 1 == poison_step, jnp.nan, value)
+  return value * jnp.where(step + 1 == poison_step, jnp.nan, 1.0)
 
 
 # ------------------------------------------------------------------ on the host

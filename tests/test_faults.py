@@ -1,0 +1,267 @@
+"""Kill / preempt / corrupt / NaN: training always resumes from the last committed step.
+
+The subprocess tests run the real CLI (`python -m moejax.train`) on one CPU device with a
+persistent compilation cache, so each restart costs the imports and a cache hit, not a compile.
+MOEJAX_FAULT_KILLS sets how many SIGKILLs the fault-injection test sends (default 6; 20 for the
+full acceptance run).
+"""
+
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from moejax import checkpoint, faults, train
+from moejax import metrics as metrics_lib
+from tests.helpers import tiny_config, write_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# ------------------------------------------------------------------ subprocess harness
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, corpus):
+  """Runs the CLI on a tiny config: `cli(workdir)` -> Popen; env has a compilation cache."""
+  base = tmp_path_factory.mktemp("cli")
+  config = base / "fault_config.py"
+  config.write_text(
+    "from tests.helpers import tiny_config\n\n\n"
+    "def get_config():\n"
+    f"  c = tiny_config({corpus!r}, data=1)\n"
+    f"  c.train.steps, c.train.eval_every = {STEPS}, {STEPS}\n"
+    "  c.train.log_every, c.train.checkpoint_every, c.train.keep_checkpoints = 1, 1, 2\n"
+    "  return c\n"
+  )
+  env = dict(os.environ)
+  env.update(
+    PYTHONPATH=str(ROOT),
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+
+  def start(workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "moejax.train", "--config", str(config), "--workdir",
+         str(workdir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+  return start
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory):
+  """An uninterrupted run: {step: loss} and its wall time (it also fills the compile cache)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  start = time.perf_counter()
+  out, err = cli(workdir).communicate(timeout=300)
+  assert "moejax: done." in out, err[-3000:]
+  return {"losses": _logged_losses(workdir)[0], "seconds": time.perf_counter() - start}
+
+
+def _logged_losses(workdir):
+  """({step: loss}, [every (step, loss) line]) from metrics.jsonl."""
+  lines = [(m["step"], m["loss"]) for m in metrics_lib.read_metrics(str(workdir)) if "loss" in m]
+  return dict(lines), lines
+
+
+def _committed_steps(workdir):
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return (
+    sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    if directory.exists()
+    else []
+  )
+
+
+def _writes_in_flight(workdir):
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return directory.exists() and any("tmp" in p.name for p in directory.iterdir())
+
+
+def test_sigkill_at_random_moments_resumes_exactly(cli, reference, tmp_path):
+  kills = int(os.environ.get("MOEJAX_FAULT_KILLS", "6"))
+  rng = random.Random(7)
+  workdir = tmp_path / "run"
+  killed, mid_write, resumed_from = 0, 0, []
+  began = time.perf_counter()
+  for _ in range(kills):
+    expected = max(_committed_steps(workdir), default=None)
+    proc = cli(workdir)
+    # Kill times span the whole run (start-up included) of the uninterrupted reference.
+    delay = rng.uniform(0.3, reference["seconds"])
+    try:
+      out, err = proc.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGKILL)
+      mid_write += _writes_in_flight(workdir)
+      out, err = proc.communicate()
+      killed += 1
+    match = re.search(r"moejax: resumed from step (\d+)", out)
+    if match:
+      resumed_from.append(int(match.group(1)))
+      # The restart picks the newest committed step; nothing is reported unreadable.
+      assert int(match.group(1)) == expected, (out, err[-2000:])
+    assert "unreadable" not in out, out
+  out, err = cli(workdir).communicate(timeout=300)
+  assert "moejax: done." in out, err[-3000:]
+  losses, lines = _logged_losses(workdir)
+  # Every logged loss, including steps replayed after a kill, equals the uninterrupted run's.
+  for step, loss in lines:
+    assert loss == reference["losses"][step], (step, loss)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  print(
+    f"\nfault injection: {kills} attempts, {killed} SIGKILLs ({mid_write} with a checkpoint "
+    f"write in flight), resumed from {resumed_from}, {time.perf_counter() - began:.1f} s"
+  )
+  assert killed >= kills // 2
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(cli, reference, tmp_path):
+  workdir = tmp_path / "run"
+  proc = cli(workdir)
+  deadline = time.time() + 240
+  while len(metrics_lib.read_metrics(str(workdir))) < 3 and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  last = out.strip().splitlines()[-1]
+  match = re.fullmatch(r"moejax: stopped by SIGTERM at step (\d+); checkpoint saved, .*", last)
+  assert match, out
+  step = int(match.group(1))
+  assert 3 <= step < STEPS
+  assert max(_committed_steps(workdir)) == step
+  out, err = cli(workdir).communicate(timeout=300)
+  assert f"moejax: resumed from step {step}" in out and "moejax: done." in out, err[-2000:]
+  for s, loss in _logged_losses(workdir)[1]:
+    assert loss == reference["losses"][s], s
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+  exits = []
+  monkeypatch.setattr(os, "_exit", exits.append)
+  with faults.StopSignal(multiprocess=False) as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.should_stop(5) and stop.received == "SIGINT" and not exits
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert exits == [128 + signal.SIGTERM]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+# ------------------------------------------------------------------ in-process runs
+
+
+def _one_device_config(corpus, **train_values):
+  cfg = tiny_config(corpus, data=1)
+  for key, value in train_values.items():
+    cfg.train[key] = value
+  return cfg
+
+
+def _run(cfg, workdir, **kwargs):
+  return train.run(cfg, str(workdir), devices=jax.devices()[:1], progress=False, **kwargs)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(corpus, tmp_path, capsys):
+  cfg = _one_device_config(corpus, checkpoint_every=2, keep_checkpoints=3)
+  work = tmp_path / "run"
+  first = _run(cfg, work, stop_at=6)
+  assert _committed_steps(work) == [2, 4, 6]
+  # Truncate the largest array file of step 6.
+  files = [p for p in (work / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  capsys.readouterr()
+  second = _run(cfg, work)
+  out = capsys.readouterr().out
+  assert "moejax: checkpoint step 6 is unreadable (" in out and "falling back to step 4" in out
+  assert "moejax: resumed from step 4" in out
+  assert [second["losses"][s] for s in (5, 6)] == [first["losses"][s] for s in (5, 6)]
+  assert (work / "checkpoints" / checkpoint.UNREADABLE_DIR).is_dir()  # kept, not deleted
+  # Delete files of the newest step (8): the data item and the array metadata.
+  for name in ("data", "state/_METADATA"):
+    target = work / "checkpoints" / "8" / name
+    if target.is_dir():
+      for p in sorted(target.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+      target.rmdir()
+    else:
+      target.unlink()
+  cfg.train.steps = 10
+  _run(cfg, work)
+  out = capsys.readouterr().out
+  assert "moejax: checkpoint step 8 is unreadable (" in out and "falling back to step 6" in out
+  assert "moejax: resumed from step 6" in out
+
+
+def test_nonfinite_halt_names_step_and_saves_nothing_after(corpus, tmp_path):
+  cfg = _one_device_config(corpus, debug_poison_step=3, log_every=4, checkpoint_every=2)
+  with pytest.raises(faults.NonFiniteError) as err:
+    _run(cfg, tmp_path / "run")
+  msg = str(err.value)
+  assert "at step 3 " in msg and "train.nonfinite_policy='halt'" in msg and "\n" not in msg
+  for name in ("loss", "cross_entropy", "grad_norm"):
+    assert re.search(rf"\b{name}\b", msg.split(" at step")[0]), msg
+  assert _committed_steps(tmp_path / "run") == [2]  # the poisoned step 4 was never saved
+
+
+def test_nonfinite_skip_leaves_state_unchanged_and_counts(corpus, tmp_path):
+  clean = _run(_one_device_config(corpus), tmp_path / "clean", stop_at=2)
+  cfg = _one_device_config(corpus, debug_poison_step=3, nonfinite_policy="skip")
+  poisoned = _run(cfg, tmp_path / "poisoned", stop_at=3)
+  assert np.isnan(poisoned["losses"][3])
+  assert [poisoned["losses"][s] for s in (1, 2)] == [clean["losses"][s] for s in (1, 2)]
+  # Step 3's update was not applied: everything but the step counter is the state after step 2.
+  a, b = dict(clean["state"]), dict(poisoned["state"])
+  assert int(a.pop("step")) == 2 and int(b.pop("step")) == 3
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rest = _run(cfg, tmp_path / "poisoned")
+  assert all(np.isfinite(rest["losses"][s]) for s in range(4, 9))
+  lines = metrics_lib.read_metrics(str(tmp_path / "poisoned"))
+  logged = {m["step"]: m for m in lines if "loss" in m}
+  assert logged[2][faults.SKIPPED_KEY] == 0 and logged[3][faults.SKIPPED_KEY] == 1
+  assert logged[3][faults.NONFINITE_KEY] > 0 and logged[4][faults.NONFINITE_KEY] == 0
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step == 4:
+      raise OSError(28, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  cfg = _one_device_config(corpus, checkpoint_every=2)
+  with pytest.raises(checkpoint.CheckpointWriteError) as err:
+    _run(cfg, tmp_path / "run")
+  msg = str(err.value)
+  assert "saving checkpoint step 4" in msg and "No space left on device" in msg
+  assert "step 2 is intact" in msg and "\n" not in msg
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  assert _committed_steps(tmp_path / "run") == [2]
+  resumed = _run(cfg, tmp_path / "run", stop_at=3)  # space is back: resume from step 2
+  assert sorted(resumed["losses"]) == [3]
