@@ -11,8 +11,9 @@ Crash safety (what Orbax gives, and what is added here):
   `cleanup_tmp_directories` removes it at the next start. Old steps beyond `keep` are deleted
   only after the newer save has committed (CheckpointManager._finalize).
 - A committed step can still be damaged later (truncated or deleted files). `restore_latest`
-  tries the steps newest first; an unreadable one is logged with the reason, moved to
-  checkpoints/unreadable/ (kept for inspection, never deleted) and the previous step is used.
+  tries the steps newest first; once one reads, the newer unreadable ones are reported with the
+  reason and moved to checkpoints/unreadable/ (kept for inspection, never deleted). When none
+  reads, nothing is moved and the error lists why.
 - A checkpoint whose array shapes do not match the config is a user error, not damage:
   `check_compatible` raises `IncompatibleCheckpointError` naming the differing config keys and
   touches nothing.
@@ -35,6 +36,10 @@ UNREADABLE_DIR = "unreadable"
 
 class IncompatibleCheckpointError(ValueError):
   """The workdir holds a checkpoint of another model; the message names the differing keys."""
+
+
+class CheckpointReadError(OSError):
+  """No checkpoint of the workdir can be read; nothing was moved or deleted."""
 
 
 class CheckpointWriteError(OSError):
@@ -87,16 +92,27 @@ class Checkpointer:
   def restore_latest(self, abstract_state, say=print):
     """(step, state, data_state) of the newest readable step, or None when there is none.
 
-    Unreadable steps are reported through `say`, moved aside and skipped (see module doc).
+    Unreadable steps newer than the one restored are reported through `say` and moved aside.
+    When no step can be read, nothing is moved and `CheckpointReadError` lists the reasons:
+    a failure of every step is more likely a changed setup (mesh, memory) than damage.
     """
+    failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return (step, *self.restore(step, abstract_state))
-      except Exception as e:  # noqa: BLE001 - any failure to read means: use an older step
-        older = [s for s in self.manager.all_steps() if s < step]
-        fallback = f"falling back to step {max(older)}" if older else "no older checkpoint"
-        say(f"moejax: checkpoint step {step} is unreadable ({_first_line(e)}); {fallback}")
-        self._move_aside(step)
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try an older step
+        failures.append((step, _first_line(e)))
+        continue
+      for bad, reason in failures:
+        say(f"moejax: checkpoint step {bad} is unreadable ({reason}); falling back to step {step}")
+        self._move_aside(bad)
+      return (step, *restored)
+    if failures:
+      reasons = "; ".join(f"step {s}: {r}" for s, r in failures)
+      raise CheckpointReadError(
+        f"no checkpoint in {self.directory!r} can be read ({reasons}); nothing was changed. "
+        "If the mesh or machine changed, go back to it; to start afresh use a new --workdir"
+      )
     return None
 
   def check_compatible(self, abstract_state, saved_config: dict | None, config: dict) -> None:

@@ -100,6 +100,13 @@ def _workdir_is_file(cfg, tmp):
   return str(tmp / "plain_file")
 
 
+def _truncate_every_checkpoint(cfg, tmp):
+  for step_dir in (tmp / "run" / "checkpoints").iterdir():
+    for f in (step_dir / "state").rglob("*"):
+      if f.is_file() and f.stat().st_size > 1000:
+        f.write_bytes(f.read_bytes()[:100])
+
+
 def _mesh(**axes):
   return _do(*[_set(f"mesh.{a}", n) for a, n in axes.items()])
 
@@ -384,6 +391,12 @@ CASES = [
     "is not writable (Not a directory)",
   ),
   Case(
+    "no-readable-checkpoint",
+    "every checkpoint of the workdir is damaged (nothing is moved; the run does not start afresh)",
+    _truncate_every_checkpoint,
+    "can be read (step 1: ",
+  ),
+  Case(
     "incompatible-checkpoint",
     "a workdir holding a checkpoint of another model",
     _set("model.d_model", 128),
@@ -429,9 +442,9 @@ def run_case(case: Case, corpus: str, seeded_workdir: pathlib.Path, tmp: pathlib
 
   workdir = tmp / "run"
   shutil.copytree(seeded_workdir, workdir)
-  before = _snapshot(workdir / "checkpoints")
   cfg = tiny_config(corpus, data=1 if case.devices == 1 else -1)
   workdir = case.apply(cfg, tmp) or str(workdir)
+  before = _snapshot(tmp / "run" / "checkpoints")  # after the case damaged it, if it does
   compiles = []
   listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
   jax.monitoring.register_event_duration_secs_listener(listener)
