@@ -46,7 +46,8 @@ def dense_equivalent(cfg):
   return dense
 
 
-def seconds_per_step(cfg, repeats: int) -> float:
+def compiled_step(cfg):
+  """(step, state, batch): the jitted train step of `cfg`, warmed up, with a random batch."""
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -64,13 +65,23 @@ def seconds_per_step(cfg, repeats: int) -> float:
   }
   state, _ = step(state, batch)
   jax.block_until_ready(state)
+  return step, state, batch
+
+
+def time_steps(step, state, batch, repeats: int):
+  """(state, [seconds of each of `repeats` steps])."""
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     state, _ = step(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return state, times
+
+
+def seconds_per_step(cfg, repeats: int) -> float:
+  """Median step time after one warm-up step."""
+  return statistics.median(time_steps(*compiled_step(cfg), repeats)[1])
 
 
 def main():

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.second_expert_policy = "random"  # gshard_top2: "random" (GShard) or "all"
   moe.noise_epsilon = 1e-2  # noisy_top_k: added to softplus(noise logits)
   moe.slots_per_expert = 1  # soft_moe
+  moe.soft_init_scale = 1.0  # soft_moe: initial value of the learned logit scale
   moe.assignment_iterations = 100  # base: balanced-assignment solver iterations
   moe.num_shared_experts = 0  # deepseek: experts every token uses
   moe.route_scale = 1.0  # deepseek: multiplies the normalised gate values
@@ -115,6 +116,18 @@ def default_config() -> ml_collections.ConfigDict:
   ms.rules = ml_collections.ConfigDict(
     {name: ",".join(axes) for name, axes in sharding.DEFAULT_RULES.items()}
   )
+  # How many hosts (TPU slices, else processes) each axis spans; the rest of the axis stays inside
+  # a host. -1 = the remaining hosts: by default data parallelism crosses hosts. See moejax/mesh.py.
+  ms.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+
+  # Multi-host start-up (moejax/distributed.py): all three of address/count/id, or none to detect
+  # a TPU pod or Slurm job (else one process).
+  c.distributed = ds = ml_collections.ConfigDict()
+  ds.coordinator_address = ""  # host:port of process 0
+  ds.num_processes = 0
+  ds.process_id = -1
+  ds.initialization_timeout_s = 300  # processes wait this long for each other at start
+  ds.heartbeat_timeout_s = 100  # a peer silent this long stops every process
   return c
 
 

@@ -24,7 +24,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from moejax import checkpoint, config_lib, faults, input_checks, optim, sharding, train_step
+from moejax import (
+  checkpoint,
+  config_lib,
+  distributed,
+  faults,
+  input_checks,
+  optim,
+  sharding,
+  train_step,
+)
 from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax.data import pipeline
@@ -51,7 +60,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   is_writer = jax.process_index() == 0
 
   # ---------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(mesh_shape, devices)
+  mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn)
   say = print if is_writer else (lambda *a, **k: None)
   say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
@@ -94,11 +103,12 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   checkpoint.write_config(workdir, cfg.to_dict())
 
   # ---------------------------------------------------------------- Data
-  data = pipeline.build_dataset(
+  build = lambda: pipeline.build_dataset(
       source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
       seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
       decode_errors=cfg.data.decode_errors,
   )  # fmt: skip
+  data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = pipeline.train_iterator(
     data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
@@ -256,6 +266,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   try:
+    distributed.initialize(cfg.distributed)  # before anything touches the devices
     summary = run(cfg, _WORKDIR.value)
   except (MemoryError, OSError, ValueError, faults.NonFiniteError) as e:
     # User errors (config, data, paths, memory) are one line; MOEJAX_TRACEBACK=1 shows the stack.

@@ -406,3 +406,24 @@ def test_end_to_end_train_on_8_devices(corpus, tmp_path, name):
   losses = np.array([out["losses"][s] for s in sorted(out["losses"])])
   assert np.all(np.isfinite(losses))
   assert losses[-1] < losses[0]
+
+
+def test_soft_router_init_scale_sets_the_learned_scale_and_sharpens_routing():
+  """`init_scale` is the scale's starting value; with it the logits, and so the weights, sharpen."""
+  rng = np.random.default_rng(5)
+  x = normal(rng, 2, 16, 8)  # [G, S, D]
+
+  def build(init_scale):
+    return soft_moe.SoftMoERouter(
+      d_model=8, num_experts=4, top_k=1, rngs=nnx.Rngs(0), slots_per_expert=2, init_scale=init_scale
+    )
+
+  flat, sharp = build(1.0), build(10.0)
+  assert float(flat.scale[...]) == 1.0 and float(sharp.scale[...]) == 10.0
+  np.testing.assert_array_equal(flat.phi[...], sharp.phi[...])  # same init stream, same slots
+  r_flat, r_sharp = flat(x, train=True), sharp(x, train=True)
+  # Same cosines times 10: the largest weights of both softmaxes grow.
+  assert r_sharp.metrics["combine_max_weight"] > r_flat.metrics["combine_max_weight"] + 0.1
+  assert r_sharp.metrics["dispatch_max_weight"] > r_flat.metrics["dispatch_max_weight"] + 0.1
+  with pytest.raises(ValueError, match="init_scale > 0"):
+    build(0.0)

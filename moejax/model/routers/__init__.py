@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
   "switch": ("top_k", "TopKRouter"),
   "gshard_top2": ("gshard_top2", "GShardTop2Router"),
   "noisy_top_k": ("noisy_top_k", "NoisyTopKRouter"),
+  "noisy_topk": ("noisy_top_k", "NoisyTopKRouter"),  # alias: the recipe's spelling
   "expert_choice": ("expert_choice", "ExpertChoiceRouter"),
   "soft_moe": ("soft_moe", "SoftMoERouter"),
   "deepseek": ("deepseek", "DeepSeekRouter"),

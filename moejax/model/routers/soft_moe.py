@@ -11,7 +11,8 @@ Y = C (slot outputs).
 
 Design choices:
 - l2 normalisation of each token (over D) and of each slot column of Phi (over D), as
-  v * rsqrt(sum v^2 + 1e-6); the learned scalar `scale` (init 1) multiplies the normalised Phi
+  v * rsqrt(sum v^2 + 1e-6); the learned scalar `scale` (init `model.moe.soft_init_scale`,
+  default 1 as in the paper's code) multiplies the normalised Phi
   (the paper's choice of which side to scale is free; this matches its reference code). With
   both sides normalised, logits are scaled cosines, so routing starts near-uniform and `scale`
   learns how sharp it becomes; normalisation keeps the softmaxes stable when d_model grows.
@@ -72,7 +73,7 @@ def route_soft(x_sd: jax.Array, phi_dn: jax.Array, scale: jax.Array) -> base.Sof
 class SoftMoERouter(nnx.Module):
   """Learned slots Phi [D, E*P] and scale; routes G groups softly."""
 
-  CONFIG_OPTIONS = {"slots_per_expert": "slots_per_expert"}
+  CONFIG_OPTIONS = {"slots_per_expert": "slots_per_expert", "init_scale": "soft_init_scale"}
 
   @classmethod
   def causal_in_sequence(cls, top_k: int, **options) -> bool:
@@ -81,7 +82,14 @@ class SoftMoERouter(nnx.Module):
     return False
 
   def __init__(
-    self, *, d_model: int, num_experts: int, top_k: int, rngs: nnx.Rngs, slots_per_expert: int = 1
+    self,
+    *,
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    rngs: nnx.Rngs,
+    slots_per_expert: int = 1,
+    init_scale: float = 1.0,
   ):
     """Builds the router.
 
@@ -91,10 +99,14 @@ class SoftMoERouter(nnx.Module):
       top_k: unused (every token reaches every slot).
       rngs: provides the `params` stream for the Phi init.
       slots_per_expert: P.
+      init_scale: initial value of the learned scalar `scale` (> 0). Logits are scaled cosines in
+        [-scale, scale], so at 1 every softmax starts close to uniform.
     """
     del top_k
     if slots_per_expert <= 0 or num_experts <= 0:
       raise ValueError(f"need positive {slots_per_expert=} and {num_experts=}")
+    if not init_scale > 0:
+      raise ValueError(f"soft_moe needs init_scale > 0, got {init_scale}")
     self.num_experts = num_experts
     self.slots_per_expert = slots_per_expert
     init = jax.nn.initializers.lecun_normal()
@@ -103,7 +115,7 @@ class SoftMoERouter(nnx.Module):
       init(rngs.params(), (d_model, num_experts * slots_per_expert), jnp.float32),
       axes=("embed", None),
     )
-    self.scale = nnx.Param(jnp.ones((), jnp.float32), axes=())
+    self.scale = nnx.Param(jnp.full((), init_scale, jnp.float32), axes=())
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
