@@ -163,8 +163,9 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     tick, tick_step = time.perf_counter(), start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
     monitor, stop = faults.NonFiniteMonitor(t.nonfinite_policy), faults.StopSignal()
-    # The handlers are restored and the last save committed (ckpt.close) also on an error.
-    with stop, contextlib.closing(ckpt):
+    # The handlers are restored, the last save committed (ckpt.close) and the bar closed (so an
+    # error prints on a line of its own) also on an error.
+    with stop, contextlib.closing(ckpt), bar or contextlib.nullcontext():
       for step in range(start, end):
         state, metrics = step_fn(state, to_global(next(train_iter)))
         losses[step + 1] = metrics["loss"]
