@@ -57,6 +57,7 @@ def build_dataset(
   seq_len: int,
   val_fraction: float,
   jsonl_field: str = "text",
+  decode_errors: str = "fail",
 ) -> Dataset:
   """Loads, tokenizes (cached in `workdir`), packs and splits the corpus named by `source`.
 
@@ -64,7 +65,7 @@ def build_dataset(
   `workdir/tokens_<hash>.npy` (hash of the source, the documents, the field and the tokenizer),
   both written atomically, so a restart neither retrains nor re-tokenizes.
   """
-  documents = sources.load_documents(source, jsonl_field=jsonl_field)
+  documents = sources.load_documents(source, jsonl_field=jsonl_field, decode_errors=decode_errors)
   tokenizer = tokenizer_lib.load_or_train(
     os.path.join(workdir, "tokenizer.model"), documents, vocab_size
   )
