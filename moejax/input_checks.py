@@ -69,6 +69,10 @@ def check_config(cfg) -> None:
     raise config_lib.ConfigError(
       f"data.decode_errors={cfg.data.decode_errors!r} is not one of: {', '.join(DECODE_POLICIES)}"
     )
+
+
+def check_tokenizer_vocab(cfg) -> None:
+  """The sentencepiece vocabulary floor (train-time: model-only uses of a config skip it)."""
   if cfg.model.vocab_size < MIN_VOCAB:
     raise config_lib.ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's floor of {MIN_VOCAB} "

@@ -57,6 +57,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   mesh_shape = config_lib.validate(cfg, len(devices))
   rules = config_lib.rules_from_config(cfg.mesh)
   t = cfg.train
+  input_checks.check_tokenizer_vocab(cfg)
   input_checks.check_workdir(workdir)
   is_writer = jax.process_index() == 0
 
