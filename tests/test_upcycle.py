@@ -104,7 +104,7 @@ def test_plan_copies_broadcasts_and_keeps_router_fresh():
 def test_mismatch_error_names_every_parameter_before_any_data(dense, tmp_path):
   dense_dir, corpus, _ = dense
   cfg = _moe_config(corpus, dense_dir)
-  cfg.model.d_ff, cfg.model.vocab_size = 96, 256
+  cfg.model.d_ff, cfg.model.vocab_size = 96, 1024
   workdir = tmp_path / "bad"
   with pytest.raises(upcycle.UpcycleError) as err:
     train.run(cfg, str(workdir), progress=False)
@@ -115,7 +115,7 @@ def test_mismatch_error_names_every_parameter_before_any_data(dense, tmp_path):
   assert "6 parameter(s) do not match" in message
   assert "[64, 96]" in message and "[64, 128]" in message
   # Raised before the data pipeline or the tokenizer touched the new workdir.
-  assert sorted(os.listdir(workdir)) == ["config.json"]
+  assert os.listdir(workdir) == []  # not even config.json: nothing was written
 
 
 def test_expert_noise_is_relative_and_per_expert():
