@@ -66,7 +66,7 @@ class GameSpec:
 
 
 def parse_spec(spec: str) -> GameSpec:
-  """"chess:KIND:NUM_GAMES[:SEED]" -> GameSpec; ChessDataError names the fix."""
+  """ "chess:KIND:NUM_GAMES[:SEED]" -> GameSpec; ChessDataError names the fix."""
   parts = spec.strip().split(":")
   ok = len(parts) in (3, 4) and parts[0] == "chess" and parts[1] in KINDS
   ok = ok and all(p.isdigit() for p in parts[2:]) and int(parts[2]) > 0

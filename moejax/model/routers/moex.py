@@ -18,7 +18,8 @@ Design choices (details the paper leaves open are options, see CONFIG_OPTIONS):
 - Metric `score_l0_rank_corr`: per token, the Spearman correlation across experts between the
   score and the true fraction of positive pre-activations, averaged over tokens (the paper's
   Fig. 9 shows it negative). It evaluates every expert's encoder on every token (E/k x the routed
-  encoder FLOPs), so it is an option (`log_l0_correlation`).
+  encoder FLOPs), so it is computed in evaluation only (train=False: moejax.evaluate reports it),
+  and can be turned off (`log_l0_correlation`).
 - Routing math in float32 (HIGHEST precision matmuls), like the other routers.
 
 Letters: g groups, s tokens, d d_model, e experts, f expert hidden.
@@ -143,7 +144,7 @@ class MoEXRouter(nnx.Module):
 
   def __call__(self, x_gsd, *, train: bool, rng=None, experts=None) -> base.SparseRouting:
     """Routes [G, S, D] tokens; `experts` is the layer's ExpertBank (w_in [E, D, F])."""
-    del train, rng
+    del rng
     if experts is None:
       raise ValueError("the moex router needs the expert bank: call it through MoELayer")
     w_in = experts.w_in[...]
@@ -152,7 +153,7 @@ class MoEXRouter(nnx.Module):
     routing = base.average_over_groups(routing)
     losses = {k: v * self.balance_loss_weight for k, v in routing.aux_losses.items()}
     metrics = dict(routing.metrics)
-    if self.log_l0_correlation:
+    if self.log_l0_correlation and not train:
       x_td = jax.lax.stop_gradient(x_gsd.reshape(-1, x_gsd.shape[-1]))
       l0_te = true_positive_fraction(x_td, jax.lax.stop_gradient(w_in))
       score_te = jax.lax.stop_gradient(score_gse.reshape(-1, self.num_experts))
