@@ -72,3 +72,38 @@ def test_bad_specs_and_missing_engine_give_clear_errors(monkeypatch):
   monkeypatch.setattr(chess_data.shutil, "which", lambda *a, **k: None)
   with pytest.raises(chess_data.ChessDataError, match="apt-get install stockfish"):
     chess_data.load_games(chess_data.parse_spec("chess:stockfish:4"))
+
+
+def _load_recipe(path, preset):
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location("cfg", root / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+@pytest.mark.parametrize("size", ["", "_cpu"])
+def test_chess_recipes_have_equal_active_ffn_width_and_validate(size):
+  from moejax import config_lib  # noqa: PLC0415
+
+  recipes = {
+    "dense_gelu": ("configs/dense.py", f"chess{size}"),
+    "dense_relu": ("configs/dense.py", f"chess_relu{size}"),
+    "switch": ("configs/switch_base.py", f"chess{size}"),
+    "moex": ("configs/moex_chess.py", size[1:]),
+  }
+  active_width, trunks = {}, set()
+  for name, (path, preset) in recipes.items():
+    c = _load_recipe(path, preset)
+    m, moe = c.model, c.model.moe
+    config_lib.validate(c, 1)
+    trunks.add((m.num_layers, m.d_model, m.num_heads, c.train.seq_len, c.data.source, m.vocab_size))
+    # Hidden units a token runs through per layer: d_ff for dense, top_k * d_expert for MoE.
+    active_width[name] = m.d_ff if m.moe_every == 0 else moe.top_k * moe.d_expert
+    assert m.activation == ("gelu" if name in ("dense_gelu", "switch") else "relu")
+  assert len(trunks) == 1 and len(set(active_width.values())) == 1
+  if size == "":  # the paper's chess size
+    assert trunks.pop()[:4] == (8, 512, 8, 1023)
