@@ -85,6 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.source = "shakespeare"  # or comma-separated globs of .txt / .jsonl files
   d.jsonl_field = "text"
   d.val_fraction = 0.05
+  d.decode_errors = "fail"  # a file (or .jsonl line) that is not UTF-8: "fail" or "skip" it
   d.eval_batches = 8
 
   c.train = t = ml_collections.ConfigDict()
@@ -97,6 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.seed = 0
   t.memory_limit_gib = 0.0  # 0 = detect the device's memory
+  t.nonfinite_policy = "halt"  # non-finite loss/grad/aux: "halt" (exit 3) or "skip" the update
+  t.debug_poison_step = 0  # test hook: the loss of this 1-based step is NaN (0 = off)
 
   c.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 1e-3
@@ -224,14 +227,21 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   Raises:
     ConfigError: one line naming the key, the value given and what would be valid.
   """
+  from moejax import input_checks  # local: it builds on this module
   from moejax.model import routers  # local: routers are a model concern, the registry a list
 
-  unknown = sorted(set(_keys(cfg)) - set(_keys(default_config())) - _rule_keys(cfg))
+  known = sorted(_keys(default_config()))
+  unknown = sorted(set(_keys(cfg)) - set(known) - _rule_keys(cfg))
   if unknown:
-    raise ConfigError(f"unknown config keys {unknown}; see moejax/config_lib.py for valid keys")
-  missing = sorted(set(_keys(default_config())) - set(_keys(cfg)))
+    raise ConfigError(
+      f"unknown config keys {unknown}{input_checks.closest_keys(unknown, known)}; "
+      "see moejax/config_lib.py for valid keys"
+    )
+  missing = sorted(set(known) - set(_keys(cfg)))
   if missing:
     raise ConfigError(f"config is missing keys {missing}; start from config_lib.default_config()")
+  input_checks.check_types(cfg, default_config())
+  input_checks.check_config(cfg)
 
   positive = [
       "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",

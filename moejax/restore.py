@@ -30,15 +30,7 @@ from moejax import config_lib, sharding
 from moejax import mesh as mesh_lib
 from moejax.model.transformer import Transformer
 
-RUN_CONFIG = "config.json"
-
-
-def save_run_config(cfg, workdir: str) -> None:
-  """Writes WORKDIR/config.json (atomically) so inference tools can rebuild the model."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  with open(path + ".tmp", "w") as f:
-    f.write(cfg.to_json(indent=1, sort_keys=True))
-  os.replace(path + ".tmp", path)
+RUN_CONFIG = "config.json"  # written by moejax.train (checkpoint.write_config)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -10,6 +10,7 @@ the latest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -23,10 +24,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from moejax import checkpoint, config_lib, distributed, optim, sharding, train_step
+from moejax import (
+  checkpoint,
+  config_lib,
+  distributed,
+  faults,
+  input_checks,
+  optim,
+  sharding,
+  train_step,
+)
 from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
-from moejax import restore as restore_lib
 from moejax import upcycle as upcycle_lib
 from moejax.data import pipeline
 from moejax.model.transformer import Transformer
@@ -48,10 +57,9 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   mesh_shape = config_lib.validate(cfg, len(devices))
   rules = config_lib.rules_from_config(cfg.mesh)
   t = cfg.train
-  os.makedirs(workdir, exist_ok=True)
+  input_checks.check_tokenizer_vocab(cfg)
+  input_checks.check_workdir(workdir)
   is_writer = jax.process_index() == 0
-  if is_writer:
-    restore_lib.save_run_config(cfg, workdir)  # evaluate / generate rebuild the model from it
 
   # ---------------------------------------------------------------- Mesh
   mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn)
@@ -94,11 +102,17 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   upcycling = None  # sparse upcycling: checked before any data is loaded or step compiled
   if cfg.init.from_dense:
     upcycling = upcycle_lib.prepare(cfg, workdir, nnx.to_pure_dict(abs_params), param_shardings)
+  # A checkpoint of another model is a user error, found before data or compilation.
+  ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
+  ckpt.check_compatible(abs_state, checkpoint.read_config(workdir), cfg.to_dict())
+  # After the check (it compares with the previous run's file); evaluate / generate read it too.
+  checkpoint.write_config(workdir, cfg.to_dict())
 
   # ---------------------------------------------------------------- Data
   build = lambda: pipeline.build_dataset(
       source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
       seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
+      decode_errors=cfg.data.decode_errors,
   )  # fmt: skip
   data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -121,7 +135,12 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     # -------------------------------------------------------------- Step
     step_fn = jax.jit(
       train_step.make_train_step(
-        graphdef, optimizer, dict(cfg.model.moe.aux_loss_weights), schedule
+        graphdef,
+        optimizer,
+        dict(cfg.model.moe.aux_loss_weights),
+        schedule,
+        nonfinite_policy=t.nonfinite_policy,
+        poison_step=t.debug_poison_step,
       ),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),
@@ -132,15 +151,14 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     )
 
     # -------------------------------------------------------------- Init or restore
-    ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is None and upcycling is not None:
+    restored = ckpt.restore_latest(abs_state, say=lambda m: say(m, flush=True))
+    if restored is None and upcycling is not None:
       state = upcycle_lib.init_state(upcycling, init_state, state_shardings)
       say(f"moejax: upcycled from the dense checkpoint {upcycling.directory} step {upcycling.step}")
-    elif latest is None:
+    elif restored is None:
       state = jax.jit(init_state, out_shardings=state_shardings)()
     else:
-      state, data_state = ckpt.restore(latest, abs_state)
+      latest, state, data_state = restored
       train_iter.set_state(data_state)
       say(f"moejax: resumed from step {latest} ({ckpt.directory})", flush=True)
     start = int(jax.device_get(state["step"]))
@@ -153,32 +171,44 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     bar = _progress_bar(progress and is_writer, start, t.steps)
     tick, tick_step = time.perf_counter(), start
     end = t.steps if stop_at is None else min(stop_at, t.steps)
-    for step in range(start, end):
-      state, metrics = step_fn(state, to_global(next(train_iter)))
-      losses[step + 1] = metrics["loss"]
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
-        values = jax.device_get(metrics)
-        now = time.perf_counter()
-        values["tokens_per_second"] = (done - tick_step) * tokens_per_step / (now - tick)
-        tick, tick_step = now, done
-        logged = writer.write(done, values)
+    monitor, stop = faults.NonFiniteMonitor(t.nonfinite_policy), faults.StopSignal()
+    # The handlers are restored, the last save committed (ckpt.close) and the bar closed (so an
+    # error prints on a line of its own) also on an error.
+    with stop, contextlib.closing(ckpt), bar or contextlib.nullcontext():
+      for step in range(start, end):
+        state, metrics = step_fn(state, to_global(next(train_iter)))
+        losses[step + 1] = metrics["loss"]
+        done = step + 1
+        monitor.add(done, metrics)
+        stopping = stop.should_stop(done)
+        end = done if stopping else end
+        if done % t.log_every == 0 or done == t.steps:
+          values = jax.device_get(metrics)
+          values[faults.SKIPPED_KEY] = monitor.check()
+          now = time.perf_counter()
+          values["tokens_per_second"] = (done - tick_step) * tokens_per_step / (now - tick)
+          tick, tick_step = now, done
+          logged = writer.write(done, values)
+          if bar is not None:
+            bar.set_postfix(
+              loss=f"{logged['loss']:.3f}", tok_s=f"{logged['tokens_per_second']:.0f}"
+            )
+        if done % t.eval_every == 0 or done == t.steps:
+          last_eval = _evaluate(eval_fn, state, eval_batches)
+          writer.write(done, {**last_eval, "unigram_perplexity": baseline})
+          if bar is not None:
+            bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} "
+                      f"eval_perplexity {last_eval['eval_perplexity']:.2f} "
+                      f"(unigram baseline {baseline:.2f})")  # fmt: skip
+        if done % t.checkpoint_every == 0 or done == end:
+          monitor.check()  # under 'halt', never save a poisoned state
+          ckpt.save(done, state, train_iter.get_state())
         if bar is not None:
-          bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{logged['tokens_per_second']:.0f}")
-      if done % t.eval_every == 0 or done == t.steps:
-        last_eval = _evaluate(eval_fn, state, eval_batches)
-        writer.write(done, {**last_eval, "unigram_perplexity": baseline})
-        if bar is not None:
-          bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} "
-                    f"eval_perplexity {last_eval['eval_perplexity']:.2f} "
-                    f"(unigram baseline {baseline:.2f})")  # fmt: skip
-      if done % t.checkpoint_every == 0 or done == end:
-        ckpt.save(done, state, train_iter.get_state())
-      if bar is not None:
-        bar.update(1)
+          bar.update(1)
+        if stopping:
+          break
     if bar is not None:
       bar.close()
-    ckpt.close()
     writer.close()
 
   return {
@@ -188,6 +218,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     "num_params": num_params,
     "state": state,
     "mesh": mesh,
+    "stopped_by": stop.received,
+    "last_step": int(jax.device_get(state["step"])),
   }
 
 
@@ -246,12 +278,16 @@ def main(argv):
   try:
     distributed.initialize(cfg.distributed)  # before anything touches the devices
     summary = run(cfg, _WORKDIR.value)
-  except (MemoryError, FileNotFoundError, ValueError) as e:
+  except (MemoryError, OSError, ValueError, faults.NonFiniteError) as e:
     # User errors (config, data, paths, memory) are one line; MOEJAX_TRACEBACK=1 shows the stack.
     if os.environ.get("MOEJAX_TRACEBACK"):
       raise
     print(f"moejax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(3 if isinstance(e, faults.NonFiniteError) else 2)
+  if summary["stopped_by"]:
+    print(f"moejax: stopped by {summary['stopped_by']} at step {summary['last_step']}; "
+          f"checkpoint saved, rerun the same command to resume")  # fmt: skip
+    return
   ev = summary["eval"] or {}
   print(
     f"moejax: done. eval_loss {ev.get('eval_loss', float('nan')):.4f} "

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moejax import faults
+
 
 def new_train_state(params, model_state, optimizer: optax.GradientTransformation, seed: int):
   """Args: pure dicts of parameter arrays and of the other model variables."""
@@ -35,13 +37,20 @@ def cross_entropy(logits_blv, targets_bl):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    aux_loss_weights: Mapping[str, float], schedule: optax.Schedule):  # fmt: skip
-  """Returns `step(state, batch) -> (state, metrics)`, a pure function to wrap in jax.jit."""
+                    aux_loss_weights: Mapping[str, float], schedule: optax.Schedule,
+                    nonfinite_policy: str = "halt", poison_step: int = 0):  # fmt: skip
+  """Returns `step(state, batch) -> (state, metrics)`, a pure function to wrap in jax.jit.
 
-  def loss_fn(params, model_state, batch, rng):
+  `metrics[faults.NONFINITE_KEY]` counts the non-finite metric entries of the step; under
+  `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
+  (only `step` advances, so the data order is unchanged). `poison_step` > 0 is a test hook
+  that makes the loss of that 1-based step NaN.
+  """
+
+  def loss_fn(params, model_state, batch, rng, step):
     model = nnx.merge(graphdef, params, model_state)
     logits, aux = model(batch["inputs"], train=True, rng=rng)
-    ce = cross_entropy(logits, batch["targets"])
+    ce = faults.poison(cross_entropy(logits, batch["targets"]), step, poison_step)
     total = ce
     for name, value in aux["losses"].items():
       total = total + aux_loss_weights.get(name, 0.0) * value
@@ -54,12 +63,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   def step(state: dict[str, Any], batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
-      state["params"], state["model_state"], batch, rng
+      state["params"], state["model_state"], batch, rng, state["step"]
     )
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state["step"])
+    metrics[faults.NONFINITE_KEY] = faults.count_nonfinite(metrics)
     new_state = {
       **state,
       "step": state["step"] + 1,
@@ -67,6 +77,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
       "model_state": model_state,
       "opt_state": opt_state,
     }
+    if nonfinite_policy == "skip":
+      ok = metrics[faults.NONFINITE_KEY] == 0
+      new_state = {**faults.keep_if_finite(ok, new_state, state), "step": new_state["step"]}
     return new_state, metrics
 
   return step

@@ -58,6 +58,7 @@ def build_dataset(
   seq_len: int,
   val_fraction: float,
   jsonl_field: str = "text",
+  decode_errors: str = "fail",
 ) -> Dataset:
   """Loads, tokenizes (cached in `workdir`), packs and splits the corpus named by `source`.
 
@@ -68,7 +69,7 @@ def build_dataset(
   """
   if source.startswith(chess_data.PREFIX):
     return _chess_dataset(source, vocab_size, seq_len, val_fraction)
-  documents = sources.load_documents(source, jsonl_field=jsonl_field)
+  documents = sources.load_documents(source, jsonl_field=jsonl_field, decode_errors=decode_errors)
   tokenizer = tokenizer_lib.load_or_train(
     os.path.join(workdir, "tokenizer.model"), documents, vocab_size
   )

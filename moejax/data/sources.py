@@ -18,6 +18,7 @@ import glob
 import html
 import importlib.metadata
 import json
+import logging
 import os
 import re
 
@@ -34,12 +35,16 @@ _HEADING = re.compile(r"^#{1,6}[ \t]*")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def load_documents(spec: str, *, jsonl_field: str = "text") -> list[str]:
+def load_documents(
+  spec: str, *, jsonl_field: str = "text", decode_errors: str = "fail"
+) -> list[str]:
   """Loads the documents named by `spec` (see the module docstring).
 
   Args:
     spec: "shakespeare", or comma-separated globs of .txt / .jsonl files.
     jsonl_field: the field of each .jsonl record that holds the document text.
+    decode_errors: "fail" on a file or .jsonl line that is not UTF-8, or "skip" it (counted in
+      a warning).
 
   Returns:
     The documents, in a deterministic order (sorted by path, then line).
@@ -51,13 +56,19 @@ def load_documents(spec: str, *, jsonl_field: str = "text") -> list[str]:
   if spec.strip() == SHAKESPEARE:
     documents = _shakespeare_plays()
   else:
-    documents = []
+    documents, skipped = [], []
     for path in _expand_globs(spec):
       if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-          documents.append(f.read())
+        text = _decode(path, _read_bytes(path), decode_errors, skipped)
+        documents += [] if text is None else [text]
       else:
-        documents.extend(_read_jsonl(path, jsonl_field))
+        documents.extend(_read_jsonl(path, jsonl_field, decode_errors, skipped))
+    if skipped:
+      logging.warning(
+        "data.decode_errors='skip': skipped %d undecodable (not UTF-8) files or lines, e.g. %s",
+        len(skipped),
+        skipped[0],
+      )
   if not any(doc.strip() for doc in documents):
     raise ValueError(
       f"data source {spec!r} gave {len(documents)} documents and all are empty: "
@@ -133,26 +144,45 @@ def _expand_globs(spec: str) -> list[str]:
   return paths
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
+def _read_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _decode(where: str, raw: bytes, policy: str, skipped: list[str]) -> str | None:
+  """UTF-8 text of `raw`; None (and `where` appended to `skipped`) when skipped by policy."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if policy == "skip":
+      skipped.append(where)
+      return None
+    raise ValueError(
+      f"{where} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}): "
+      "convert it to UTF-8, remove it from data.source, or set data.decode_errors='skip'"
+    ) from None
+
+
+def _read_jsonl(path: str, field: str, decode_errors: str, skipped: list[str]) -> list[str]:
   """The `field` of every non-blank line of a .jsonl file, with file:line in any error."""
   documents = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(
-          f"{where} is not valid JSON ({e.msg}): each line of a .jsonl file must be one JSON "
-          "object; fix or remove that line."
-        ) from None
-      if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(
-          f"{where} has no string field {field!r} (found {found}): set data.jsonl_field to "
-          "the field holding the text, or fix that line."
-        )
-      documents.append(record[field])
+  for line_number, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+    where = f"{path}:{line_number}"
+    line = _decode(where, raw, decode_errors, skipped)
+    if line is None or not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        f"{where} is not valid JSON ({e.msg}): each line of a .jsonl file must be one JSON "
+        "object; fix or remove that line."
+      ) from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+      found = sorted(record) if isinstance(record, dict) else type(record).__name__
+      raise ValueError(
+        f"{where} has no string field {field!r} (found {found}): set data.jsonl_field to "
+        "the field holding the text, or fix that line."
+      )
+    documents.append(record[field])
   return documents
