@@ -9,7 +9,9 @@ MoE layer ([E * d_expert] neurons, moejax/model/wide.py) or the hidden code of a
 ([d_ff] neurons). Then moejax/board_metrics.py scores the neurons as detectors of the 768
 piece-on-square properties (moejax/data/chess_board.py): coverage on the held-out games,
 reconstruction labelled on training games and scored on held-out games. Also reported: the mean
-fraction of active (nonzero) neurons per position. Prints a summary and writes JSON.
+fraction of active (nonzero) neurons per position, and both metrics for a single always-active
+feature (the floor any model gets from properties that almost always hold, such as kings at
+home early on). Prints a summary and writes JSON.
 
 Games: the run's own split (every round(1/val_fraction)-th game is held out); each game is one
 sequence, cut to train.seq_len characters (labels past the cut are dropped) and padded with
@@ -98,6 +100,12 @@ def interpret(workdir: str, layer: int, *, train_games: int, val_games: int,
     acts_val, labels_val = collect(model, val, layer, **sizes)
   cov = board_metrics.coverage(acts_val, labels_val)
   rec = board_metrics.reconstruction(acts_train, labels_train, acts_val, labels_val)
+  # Reference: one always-active feature (it predicts the properties that almost always hold).
+  ones = lambda labels: np.ones((len(labels), 1), np.float32)
+  const_cov = board_metrics.coverage(ones(labels_val), labels_val)["coverage"]
+  const_rec = board_metrics.reconstruction(
+    ones(labels_train), labels_train, ones(labels_val), labels_val
+  )["reconstruction"]
   return {
     "workdir": os.path.abspath(workdir),
     "step": restored.step,
@@ -115,6 +123,8 @@ def interpret(workdir: str, layer: int, *, train_games: int, val_games: int,
     "reconstruction_threshold": rec["threshold"],
     "reconstruction_per_threshold": rec["per_threshold"],
     "labelled_features": rec["labelled_features"],
+    "constant_feature_coverage": const_cov,
+    "constant_feature_reconstruction": const_rec,
   }
 
 
@@ -141,7 +151,9 @@ def main(argv=None) -> dict:
     f"step {result['step']} layer {result['layer']} ({result['ffn']}, {result['features']} "
     f"neurons, {result['alive_features']} alive): coverage {result['coverage']:.3f} "
     f"(t={result['coverage_threshold']}), reconstruction {result['reconstruction']:.3f} "
-    f"(t={result['reconstruction_threshold']}), fraction active {result['fraction_active']:.3f}; "
+    f"(t={result['reconstruction_threshold']}), fraction active {result['fraction_active']:.3f} "
+    f"[one constant feature: coverage {result['constant_feature_coverage']:.3f}, reconstruction "
+    f"{result['constant_feature_reconstruction']:.3f}]; "
     f"{result['train_positions']} train / {result['val_positions']} val positions -> {path}",
     file=sys.stdout,
   )

@@ -49,7 +49,8 @@ def test_interpret_cli_writes_metrics(chess_run, tmp_path, layer, ffn):
   )
   seq_len = cfg.train.seq_len
   assert result["val_positions"] == sum(g[:seq_len].count(".") for g in val[:3])
-  for key in ("coverage", "reconstruction", "fraction_active"):
+  keys = ("coverage", "reconstruction", "fraction_active", "constant_feature_reconstruction")
+  for key in keys:
     assert 0.0 <= result[key] <= 1.0
   if ffn == "moe":  # top-2 of 4 experts: at most half of z_hat is nonzero
     assert result["fraction_active"] <= 0.5
