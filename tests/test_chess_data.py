@@ -107,3 +107,24 @@ def test_chess_recipes_have_equal_active_ffn_width_and_validate(size):
   assert len(trunks) == 1 and len(set(active_width.values())) == 1
   if size == "":  # the paper's chess size
     assert trunks.pop()[:4] == (8, 512, 8, 1023)
+
+
+def test_chess_source_in_the_pipeline(tmp_path, monkeypatch):
+  from moejax.data import pipeline  # noqa: PLC0415
+
+  monkeypatch.setenv("MOEJAX_CHESS_CACHE", str(tmp_path))
+  build = lambda vocab: pipeline.build_dataset(
+    source="chess:random:10", workdir=str(tmp_path), vocab_size=vocab, seq_len=64,
+    val_fraction=0.2,
+  )  # fmt: skip
+  with pytest.raises(chess_data.ChessDataError, match="set model.vocab_size=32"):
+    build(16)
+  data = build(32)
+  games = chess_data.load_games(chess_data.parse_spec("chess:random:10"), progress=False)
+  train, val = chess_data.split_games(games, 0.2)
+  assert len(val) == 2 and val == [games[4], games[9]]
+  tok = data.tokenizer
+  # Blocks are the packed character streams of each side, in order.
+  assert tok.decode(data.train_blocks[0]) == "".join(train)[:65]
+  assert tok.decode(data.val_blocks.reshape(-1)) == "".join(val)[: data.val_blocks.size]
+  assert data.train_blocks.max() < 32
