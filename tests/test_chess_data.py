@@ -128,3 +128,13 @@ def test_chess_source_in_the_pipeline(tmp_path, monkeypatch):
   assert tok.decode(data.train_blocks[0]) == "".join(train)[:65]
   assert tok.decode(data.val_blocks.reshape(-1)) == "".join(val)[: data.val_blocks.size]
   assert data.train_blocks.max() < 32
+
+
+@pytest.mark.skipif(not chess_data.shutil.which("stockfish", path="/usr/games:/usr/bin"),
+                    reason="stockfish not installed (sudo apt-get install stockfish)")  # fmt: skip
+def test_stockfish_games_are_legal():
+  for game in chess_data.stockfish_games(range(2), opening_plies=4, max_plies=40):
+    board = chess.Board()
+    for token in game[1:].split(" "):
+      board.push_san(token.split(".")[-1])
+    assert len(board.move_stack) == 40 or board.is_game_over()
