@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
   moe.bias_update_rate = 1e-3  # deepseek: aux-loss-free balancing bias step (gamma)
   moe.num_expert_groups = 1  # deepseek: group-limited routing (1 = off)
   moe.top_expert_groups = 1  # deepseek: groups kept per token
+  moe.moex_stop_gradient_stats = False  # moex: no gradient through the encoder statistics
+  moe.moex_learned_mix = 0.0  # moex: score = -Phi + mix * learned logits (0 = pure MoE-X)
+  moe.moex_balance_loss_weight = 0.0  # moex: scales its load_balance_loss (0 = none)
+  moe.moex_log_l0_correlation = True  # moex: eval metric score vs true expert L0 rank corr
   moe.aux_loss_weights = ml_collections.ConfigDict(
     {
       "load_balance_loss": 1e-2,

@@ -72,8 +72,9 @@ def check_config(cfg) -> None:
 
 
 def check_tokenizer_vocab(cfg) -> None:
-  """The sentencepiece vocabulary floor (train-time: model-only uses of a config skip it)."""
-  if cfg.model.vocab_size < MIN_VOCAB:
+  """The sentencepiece vocabulary floor (train-time: model-only uses of a config skip it).
+  Chess sources use a fixed character vocabulary, checked by moejax/data/pipeline.py instead."""
+  if cfg.model.vocab_size < MIN_VOCAB and not cfg.data.source.startswith("chess:"):
     raise config_lib.ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's floor of {MIN_VOCAB} "
       "(256 byte-fallback pieces + 4 specials); use at least 512"

@@ -158,7 +158,8 @@ def prepare(cfg, workdir: str, abs_params: dict, param_shardings: dict) -> Upcyc
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target_sharding[name])
 
   dense_target = jax.tree_util.tree_map_with_path(to_target, meta)
-  _copy_tokenizer(os.path.dirname(directory), workdir)
+  if not cfg.data.source.startswith("chess:"):  # chess data has a fixed character vocabulary
+    _copy_tokenizer(os.path.dirname(directory), workdir)
   return Upcycling(directory, step, plan, dense_target, cfg.init.from_dense_noise, cfg.train.seed)
 
 

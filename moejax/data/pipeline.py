@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from moejax.data import chess as chess_data
 from moejax.data import sources
 from moejax.data import tokenizer as tokenizer_lib
 
@@ -64,7 +65,10 @@ def build_dataset(
   The tokenizer lives at `workdir/tokenizer.model` and the token stream at
   `workdir/tokens_<hash>.npy` (hash of the source, the documents, the field and the tokenizer),
   both written atomically, so a restart neither retrains nor re-tokenizes.
+  A "chess:..." source is character-level PGN games instead (moejax/data/chess.py).
   """
+  if source.startswith(chess_data.PREFIX):
+    return _chess_dataset(source, vocab_size, seq_len, val_fraction)
   documents = sources.load_documents(source, jsonl_field=jsonl_field, decode_errors=decode_errors)
   tokenizer = tokenizer_lib.load_or_train(
     os.path.join(workdir, "tokenizer.model"), documents, vocab_size
@@ -103,6 +107,26 @@ def build_dataset(
     np.exp(entropy),
   )
   return Dataset(tokenizer, train_blocks, val_blocks, entropy)
+
+
+def _chess_dataset(source: str, vocab_size: int, seq_len: int, val_fraction: float) -> Dataset:
+  """Games split by game (held-out games are whole), each side packed like a corpus."""
+  tokenizer = chess_data.CharTokenizer()
+  if vocab_size < tokenizer.vocab_size:
+    raise chess_data.ChessDataError(
+      f"model.vocab_size={vocab_size} is below the {tokenizer.vocab_size} chess characters; "
+      f"set model.vocab_size={tokenizer.vocab_size}"
+    )
+  games = chess_data.load_games(chess_data.parse_spec(source))
+  train_games, val_games = chess_data.split_games(games, val_fraction)
+  train_blocks = pack_blocks(chess_data.encode_games(train_games), seq_len)
+  val_blocks = pack_blocks(chess_data.encode_games(val_games), seq_len)
+  if not len(train_blocks) or not len(val_blocks):
+    raise chess_data.ChessDataError(
+      f"{source!r} gives {len(train_blocks)} train and {len(val_blocks)} val blocks of "
+      f"{seq_len}+1 characters: ask for more games"
+    )
+  return Dataset(tokenizer, train_blocks, val_blocks, unigram_entropy(train_blocks))
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
+from moejax.model import wide
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import base
 from moejax.ops import all_to_all, capacity, dropless, soft
@@ -51,11 +52,15 @@ class MoELayer(nnx.Module):
     self.group_layout = group_layout
     self.shared_experts = shared_experts  # a dense MLP every token uses (DeepSeekMoE)
 
-  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None):
-    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array})."""
+  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None, return_hidden: bool = False):
+    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array}),
+    plus z_hat [batch, length, E * d_expert] (moejax/model/wide.py) when `return_hidden`."""
     x_gsd = self._to_groups(x_bld)
     s = x_gsd.shape[1]
-    routing = self.router(x_gsd, train=train, rng=rng)
+    # Routers that score experts by their weights (moex) read the expert bank.
+    uses_experts = getattr(self.router, "USES_EXPERT_WEIGHTS", False)
+    extra = {"experts": self.experts} if uses_experts else {}
+    routing = self.router(x_gsd, train=train, rng=rng, **extra)
     if isinstance(routing, base.SoftRouting):
       y_gsd, dispatch_metrics = soft.soft_moe(
         x_gsd, routing, self.experts, num_experts=self.num_experts
@@ -69,6 +74,10 @@ class MoELayer(nnx.Module):
     y = self._from_groups(y_gsd, x_bld.shape)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_bld)
+    if return_hidden:
+      z_gsk = wide.moe_hidden_code(self, x_gsd, routing, train=train)
+      z_blk = self._from_groups(z_gsk, (*x_bld.shape[:2], z_gsk.shape[-1]))
+      return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}, z_blk
     return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}
 
   def _to_groups(self, x_bld):

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
   "soft_moe": ("soft_moe", "SoftMoERouter"),
   "deepseek": ("deepseek", "DeepSeekRouter"),
   "base": ("base_layers", "BaseLayersRouter"),
+  "moex": ("moex", "MoEXRouter"),
 }
 ROUTERS = tuple(sorted(_REGISTRY))
 

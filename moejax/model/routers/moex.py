@@ -1,0 +1,165 @@
+"""MoE-X sparsity-aware routing (Yang et al. 2025): send each token to its sparsest experts.
+
+For ReLU experts E_j(x) = W_out^j relu(W_in^j x), treat the F encoder columns of expert j as
+samples of a Gaussian: per input dim, mu^j = mean over neurons and var^j = variance over neurons
+of W_in^j [D, F]. For token x, a neuron's pre-activation is then ~ N(mu_h, sigma_h^2) with
+mu_h = x . mu^j (+ mean bias; moejax experts have none) and sigma_h^2 = (x*x) . var^j, so the
+expected fraction of positive (active) neurons is Phi(mu_h / sigma_h). Score = -Phi: the top-k
+experts by score are those expected to be sparsest; the gates are a softmax over the k chosen
+scores.
+
+Design choices (details the paper leaves open are options, see CONFIG_OPTIONS):
+- `stop_gradient_stats`: no gradient through the column statistics into W_in (default off:
+  gradients flow, so routing also pushes the chosen experts to become sparser).
+- `learned_mix`: score = -Phi + learned_mix * (x W_r), mixing in a learned linear router
+  (0 = pure MoE-X; the kernel exists either way so checkpoints keep one shape).
+- `balance_loss_weight`: scales the Switch load-balance loss returned (computed on softmax of the
+  scores over all experts); the global `aux_loss_weights` applies on top.
+- Metric `score_l0_rank_corr`: per token, the Spearman correlation across experts between the
+  score and the true fraction of positive pre-activations, averaged over tokens (the paper's
+  Fig. 9 shows it negative). It evaluates every expert's encoder on every token (E/k x the routed
+  encoder FLOPs), so it is computed in evaluation only (train=False: moejax.evaluate reports it),
+  and can be turned off (`log_l0_correlation`).
+- Routing math in float32 (HIGHEST precision matmuls), like the other routers.
+
+Letters: g groups, s tokens, d d_model, e experts, f expert hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.model.routers import base
+from moejax.ops import aux_losses, capacity
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def expert_column_stats(w_in_edf: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """mu, var float32[E, D]: mean and variance over each expert's F neurons, per input dim."""
+  w = w_in_edf.astype(jnp.float32)
+  return jnp.mean(w, axis=-1), jnp.var(w, axis=-1)
+
+
+def positive_fraction_estimate(x_sd, mu_ed, var_ed, bias_mean_e=None) -> jax.Array:
+  """float32[S, E]: Phi(mu_h / sigma_h), the expected fraction of active neurons per expert."""
+  x = x_sd.astype(jnp.float32)
+  mu_h = jnp.einsum("sd,ed->se", x, mu_ed, precision=_HI)
+  if bias_mean_e is not None:
+    mu_h = mu_h + bias_mean_e
+  sigma_h = jnp.sqrt(jnp.einsum("sd,ed->se", x * x, var_ed, precision=_HI) + 1e-8)
+  return jax.scipy.special.ndtr(mu_h / sigma_h)
+
+
+def true_positive_fraction(x_sd, w_in_edf) -> jax.Array:
+  """float32[S, E]: the measured fraction of each expert's neurons with pre-activation > 0."""
+  pre_sef = jnp.einsum("sd,edf->sef", x_sd.astype(jnp.float32), w_in_edf.astype(jnp.float32))
+  return jnp.mean((pre_sef > 0).astype(jnp.float32), axis=-1)
+
+
+def _ranks(a, axis=-1):
+  return jnp.argsort(jnp.argsort(a, axis=axis), axis=axis).astype(jnp.float32)
+
+
+def rank_correlation(a_se, b_se) -> jax.Array:
+  """Mean over rows of the Spearman correlation across the last axis (ties broken by order)."""
+  ra, rb = _ranks(a_se), _ranks(b_se)
+  ra, rb = ra - jnp.mean(ra, -1, keepdims=True), rb - jnp.mean(rb, -1, keepdims=True)
+  denom = jnp.sqrt(jnp.sum(ra * ra, -1) * jnp.sum(rb * rb, -1))
+  return jnp.mean(jnp.sum(ra * rb, -1) / jnp.maximum(denom, 1e-12))
+
+
+def route_scores(score_se: jax.Array, *, top_k: int) -> base.SparseRouting:
+  """Top-k of the scores of one group, gates = softmax over the k chosen scores.
+
+  Returns SparseRouting with N = S*k pairs in choice-rank-major order (as top_k.route_top_k),
+  aux loss load_balance_loss (unweighted) and metric expert_load [E].
+  """
+  num_tokens, num_experts = score_se.shape
+  chosen_score_sk, expert_sk = jax.lax.top_k(score_se, top_k)
+  gate_sk = jax.nn.softmax(chosen_score_sk, axis=-1)
+  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  probs_se = jax.nn.softmax(score_se, axis=-1)
+  return base.SparseRouting(
+    token_index=jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k),
+    expert_index=expert_sk.T.reshape(-1).astype(jnp.int32),
+    combine_weight=gate_sk.T.reshape(-1),
+    valid=jnp.ones((num_tokens * top_k,), bool),
+    aux_losses={"load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se)},
+    metrics={"expert_load": jnp.mean(chosen_se, axis=0) / top_k},
+  )
+
+
+class MoEXRouter(nnx.Module):
+  """Sparsity-aware top-k routing from the experts' encoder statistics (needs the expert bank)."""
+
+  USES_EXPERT_WEIGHTS = True  # MoELayer passes `experts=` to __call__
+  CONFIG_OPTIONS = {
+    "stop_gradient_stats": "moex_stop_gradient_stats",
+    "learned_mix": "moex_learned_mix",
+    "balance_loss_weight": "moex_balance_loss_weight",
+    "log_l0_correlation": "moex_log_l0_correlation",
+    "init_std": "router_init_std",
+  }
+
+  @classmethod
+  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+    """Same slot order as token-choice top-k: causal for k=1 only (see top_k.py)."""
+    del options
+    return top_k == 1
+
+  def __init__(self, *, d_model: int, num_experts: int, top_k: int, rngs: nnx.Rngs,
+               stop_gradient_stats: bool = False, learned_mix: float = 0.0,
+               balance_loss_weight: float = 0.0, log_l0_correlation: bool = True,
+               init_std: float = 0.02):  # fmt: skip
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+    self.num_experts, self.top_k = num_experts, top_k
+    self.stop_gradient_stats = stop_gradient_stats
+    self.learned_mix = learned_mix
+    self.balance_loss_weight = balance_loss_weight
+    self.log_l0_correlation = log_l0_correlation
+    init = jax.nn.initializers.normal(stddev=init_std)
+    self.kernel = nnx.Param(
+      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
+    )
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
+
+  def scores(self, x_gsd, w_in_edf) -> jax.Array:
+    """float32[G, S, E]: -Phi(mu_h / sigma_h) (+ learned_mix * x W_r)."""
+    mu_ed, var_ed = expert_column_stats(w_in_edf)
+    if self.stop_gradient_stats:
+      mu_ed, var_ed = jax.lax.stop_gradient(mu_ed), jax.lax.stop_gradient(var_ed)
+    x = x_gsd.astype(jnp.float32)
+    score = -jax.vmap(lambda xs: positive_fraction_estimate(xs, mu_ed, var_ed))(x)
+    if self.learned_mix:
+      score = score + self.learned_mix * jnp.einsum(
+        "gsd,de->gse", x, self.kernel[...], precision=_HI
+      )
+    return score
+
+  def __call__(self, x_gsd, *, train: bool, rng=None, experts=None) -> base.SparseRouting:
+    """Routes [G, S, D] tokens; `experts` is the layer's ExpertBank (w_in [E, D, F])."""
+    del rng
+    if experts is None:
+      raise ValueError("the moex router needs the expert bank: call it through MoELayer")
+    w_in = experts.w_in[...]
+    score_gse = self.scores(x_gsd, w_in)
+    routing = jax.vmap(lambda sc: route_scores(sc, top_k=self.top_k))(score_gse)
+    routing = base.average_over_groups(routing)
+    losses = {k: v * self.balance_loss_weight for k, v in routing.aux_losses.items()}
+    metrics = dict(routing.metrics)
+    if self.log_l0_correlation and not train:
+      x_td = jax.lax.stop_gradient(x_gsd.reshape(-1, x_gsd.shape[-1]))
+      l0_te = true_positive_fraction(x_td, jax.lax.stop_gradient(w_in))
+      score_te = jax.lax.stop_gradient(score_gse.reshape(-1, self.num_experts))
+      metrics["score_l0_rank_corr"] = rank_correlation(score_te, l0_te)
+    return base.SparseRouting(
+      token_index=routing.token_index, expert_index=routing.expert_index,
+      combine_weight=routing.combine_weight, valid=routing.valid,
+      aux_losses=losses, metrics=metrics,
+    )  # fmt: skip
