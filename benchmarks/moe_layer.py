@@ -5,7 +5,7 @@ r"""MoE layer cost vs a dense FFN of equal active FLOPs, per dispatch, as the ex
 
 --tokens sets T alone (with or without --quick): rows per expert = T k cf / E grow with it, and
 at large E they decide how efficient the per-expert matmuls are (docs/PERFORMANCE.md).
-The process runs with huge-page malloc unless --system-malloc (see the comment above the jax import).
+The process runs with huge-page malloc unless --system-malloc (comment above the jax import).
 
 For E in {8, 64, 128} and k in {1, 2}: the expert hidden size is d_ff / k, so every (E, k)
 does the same active matmul FLOPs per token as one dense FFN of hidden d_ff (parameters grow
