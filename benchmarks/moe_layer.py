@@ -293,7 +293,8 @@ def run(args):
           row["peak_mib"] = peak / 2**20
         else:
           row.update(time_ratio_vs_dense=None, flops_ratio_vs_ideal=None)
-        if len(jax.devices()) >= 8 and gm != "ragged_dot":
+        # The mesh column needs whole groups on each of the 8 devices (T >= 8 x 512).
+        if len(jax.devices()) >= 8 and gm != "ragged_dot" and x_gsd.shape[0] % 8 == 0:
           x_shards = MESH_SHAPE["expert"]
           minimum = 2 * t * k * d * 4 * (x_shards - 1) / x_shards
           row["collective_ratio"] = (
@@ -343,6 +344,8 @@ def main():
   if args.quick:
     args.tokens, args.d_model, args.d_ff, args.repeats = 4096, 256, 1024, 3
   args.tokens = tokens or args.tokens or 8192
+  if args.tokens % min(GROUP_SIZE, args.tokens):
+    parser.error(f"--tokens {args.tokens} must be a multiple of the group size {GROUP_SIZE}")
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; T={args.tokens} "
         f"D={args.d_model} d_ff={args.d_ff}; group size {min(GROUP_SIZE, args.tokens)}, "
         f"capacity factor {CAPACITY_FACTOR}, float32; GLIBC_TUNABLES="
