@@ -1,6 +1,11 @@
 r"""MoE layer cost vs a dense FFN of equal active FLOPs, per dispatch, as the expert count grows.
 
   python -m benchmarks.moe_layer [--quick] [--json OUT.json] [--tokens 8192 --d-model 512 ...]
+  python -m benchmarks.moe_layer --quick --tokens 16384   # the quick sizes at more tokens
+
+--tokens sets T alone (with or without --quick): rows per expert = T k cf / E grow with it, and
+at large E they decide how efficient the per-expert matmuls are (docs/PERFORMANCE.md).
+The process runs with huge-page malloc unless --system-malloc (comment above the jax import).
 
 For E in {8, 64, 128} and k in {1, 2}: the expert hidden size is d_ff / k, so every (E, k)
 does the same active matmul FLOPs per token as one dense FFN of hidden d_ff (parameters grow
@@ -31,9 +36,21 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 
-if __name__ == "__main__":  # 8 simulated devices for the mesh column; before jax is imported
+# Large fresh buffers (the expert-weight gradients: 2 x E x D x F floats, 268 MB at E 128 of
+# the quick size) are mmap'ed by glibc malloc on every call and page-faulted in 4 KiB pages:
+# measured ~310 ms per call for 268 MB on the 2-core VM, more than the whole dense FFN fwd+bwd.
+# With transparent huge pages for malloc's mmap chunks (glibc >= 2.35) it measured ~60 ms. The
+# benchmark re-executes itself with that tunable (dense and MoE alike, same process) unless
+# --system-malloc is given; the header says which. Other platforms ignore the variable.
+if __name__ == "__main__":  # before jax is imported
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if "--system-malloc" not in sys.argv and "glibc.malloc.hugetlb=1" not in tunables:
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.moe_layer", *sys.argv[1:]])
+  # 8 simulated devices for the mesh column.
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   )
@@ -247,6 +264,8 @@ def run(args):
       variants = [("capacity", None), ("dropless", "blocked"), ("all_to_all", None)]
       if num_experts <= args.ragged_max_experts:
         variants.append(("dropless", "ragged_dot"))
+      if args.dispatches:
+        variants = [v for v in variants if v[0] in args.dispatches]
       for dispatch, gm in variants:
         apply = dispatch_fn(graphdef, dispatch, num_experts, cap, gm)
         fwd = moe_fwd(apply, k)
@@ -274,7 +293,8 @@ def run(args):
           row["peak_mib"] = peak / 2**20
         else:
           row.update(time_ratio_vs_dense=None, flops_ratio_vs_ideal=None)
-        if len(jax.devices()) >= 8 and gm != "ragged_dot":
+        # The mesh column needs whole groups on each of the 8 devices (T >= 8 x 512).
+        if len(jax.devices()) >= 8 and gm != "ragged_dot" and x_gsd.shape[0] % 8 == 0:
           x_shards = MESH_SHAPE["expert"]
           minimum = 2 * t * k * d * 4 * (x_shards - 1) / x_shards
           row["collective_ratio"] = (
@@ -308,7 +328,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="T 4096, D 256, F 1024, 3 repeats")
   parser.add_argument("--json", default=None, help="write the rows as a JSON list here")
-  parser.add_argument("--tokens", type=int, default=8192)
+  tokens_help = "T, tokens per step on the device (default 8192, --quick 4096; given wins)"
+  parser.add_argument("--tokens", type=int, default=None, help=tokens_help)
   parser.add_argument("--d-model", type=int, default=512)
   parser.add_argument("--d-ff", type=int, default=2048)
   parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 128])
@@ -316,12 +337,19 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   ragged_help = "ragged_dot is a masked dense matmul on CPU (E x cost): skip above this E"
   parser.add_argument("--ragged-max-experts", type=int, default=8, help=ragged_help)
+  parser.add_argument("--dispatches", nargs="+", default=None, help="e.g. capacity dropless")
+  parser.add_argument("--system-malloc", action="store_true", help="no huge pages (see top)")
   args = parser.parse_args()
+  tokens = args.tokens
   if args.quick:
     args.tokens, args.d_model, args.d_ff, args.repeats = 4096, 256, 1024, 3
+  args.tokens = tokens or args.tokens or 8192
+  if args.tokens % min(GROUP_SIZE, args.tokens):
+    parser.error(f"--tokens {args.tokens} must be a multiple of the group size {GROUP_SIZE}")
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; T={args.tokens} "
         f"D={args.d_model} d_ff={args.d_ff}; group size {min(GROUP_SIZE, args.tokens)}, "
-        f"capacity factor {CAPACITY_FACTOR}, float32", flush=True)  # fmt: skip
+        f"capacity factor {CAPACITY_FACTOR}, float32; GLIBC_TUNABLES="
+        f"{os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)  # fmt: skip
   start = time.perf_counter()
   rows, dense = run(args)
   all_ms = ", ".join(f"{m:.0f}" for m in dense["dense_ms_all"])
