@@ -130,8 +130,10 @@ def test_chess_source_in_the_pipeline(tmp_path, monkeypatch):
   assert data.train_blocks.max() < 32
 
 
+# Stockfish is an optional Debian package, not a pip requirement; the error without it is tested
+# above (test_bad_specs_and_missing_engine_give_clear_errors).
 @pytest.mark.skipif(not chess_data.shutil.which("stockfish", path="/usr/games:/usr/bin"),
-                    reason="stockfish not installed (sudo apt-get install stockfish)")  # fmt: skip
+                    reason="optional engine not installed: apt-get install stockfish")  # fmt: skip
 def test_stockfish_games_are_legal():
   for game in chess_data.stockfish_games(range(2), opening_plies=4, max_plies=40):
     board = chess.Board()

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 @jax.tree_util.register_dataclass
@@ -73,3 +74,9 @@ def average_over_groups(routing: Routing) -> Routing:
   return dataclasses.replace(
     routing, aux_losses=mean(routing.aux_losses), metrics=mean(routing.metrics)
   )
+
+
+def router_kernel(rngs: nnx.Rngs, d_model: int, num_experts: int, init_std: float) -> nnx.Param:
+  """A float32 [D, E] router matrix, normal(init_std); experts are few, so E stays replicated."""
+  init = jax.nn.initializers.normal(stddev=init_std)
+  return nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None))

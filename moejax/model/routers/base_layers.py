@@ -160,11 +160,8 @@ class BaseLayersRouter(nnx.Module):
       raise ValueError(f"{num_iterations=} must be >= 0")
     self.num_experts = num_experts
     self.num_iterations = num_iterations
-    init = jax.nn.initializers.normal(stddev=init_std)
-    # Shape: [D, E], column e = centroid w_e; experts are few, so the E axis stays replicated.
-    self.centroids = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    # Shape: [D, E], column e = centroid w_e.
+    self.centroids = base.router_kernel(rngs, d_model, num_experts, init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group: ceil(cf * S / E) clipped to [S/E, S] (see module docstring)."""

@@ -235,11 +235,7 @@ class DeepSeekRouter(nnx.Module):
     self.bias_update_rate = bias_update_rate
     self.num_expert_groups = num_expert_groups
     self.top_expert_groups = top_expert_groups
-    init = jax.nn.initializers.normal(stddev=init_std)
-    # Shape: [D, E]; experts are few, so the E axis stays replicated.
-    self.kernel = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
     # Shape: [E]; replicated, float32, starts at 0 (plain top-k by affinity).
     self.bias = BalanceBias(jnp.zeros((num_experts,), jnp.float32), axes=(None,))
 

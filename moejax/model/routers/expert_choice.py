@@ -145,11 +145,7 @@ class ExpertChoiceRouter(nnx.Module):
     self.num_experts = num_experts
     self.capacity_factor = capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
-    init = jax.nn.initializers.normal(stddev=init_std)
-    # Shape: [D, E]; experts are few, so the E axis stays replicated.
-    self.kernel = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group = tokens each expert takes: ceil(cf * S / E) in [1, S]."""

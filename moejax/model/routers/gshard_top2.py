@@ -176,11 +176,7 @@ class GShardTop2Router(nnx.Module):
     self.num_experts = num_experts
     self.top_k = top_k
     self.second_expert_policy = second_expert_policy
-    init = jax.nn.initializers.normal(stddev=init_std)
-    # Shape: [D, E]; experts are few, so the E axis stays replicated.
-    self.kernel = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group: ceil(2 * ceil(S / E) * capacity_factor)."""

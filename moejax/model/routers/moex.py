@@ -121,10 +121,7 @@ class MoEXRouter(nnx.Module):
     self.learned_mix = learned_mix
     self.balance_loss_weight = balance_loss_weight
     self.log_l0_correlation = log_l0_correlation
-    init = jax.nn.initializers.normal(stddev=init_std)
-    self.kernel = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)

@@ -124,11 +124,7 @@ class TopKRouter(nnx.Module):
     self.top_k = top_k
     self.jitter_eps = jitter_eps
     self.normalize_weights = normalize_weights
-    init = jax.nn.initializers.normal(stddev=init_std)
-    # Shape: [D, E]; experts are few, so the E axis stays replicated.
-    self.kernel = nnx.Param(
-      init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None)
-    )
+    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
