@@ -29,8 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moejax import config_lib, restore, sharding, train_step
+from moejax.data import chess as chess_data
 from moejax.data import pipeline, sources
-from moejax.data import tokenizer as tokenizer_lib
 
 
 def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
@@ -43,9 +43,13 @@ def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
     )  # fmt: skip
     blocks, default_batches = dataset.val_blocks, cfg.data.eval_batches
   else:
-    tokenizer = tokenizer_lib.Tokenizer.from_file(os.path.join(workdir, "tokenizer.model"))
     documents = sources.load_documents(data, jsonl_field=cfg.data.jsonl_field)
-    blocks = pipeline.pack_blocks(pipeline.tokenize_documents(documents, tokenizer), t.seq_len)
+    if cfg.data.source.startswith(chess_data.PREFIX):
+      tokens = pipeline.chess_documents_to_tokens(documents)
+    else:
+      tokenizer = pipeline.run_tokenizer(cfg.data.source, workdir)
+      tokens = pipeline.tokenize_documents(documents, tokenizer)
+    blocks = pipeline.pack_blocks(tokens, t.seq_len)
     default_batches = max(1, len(blocks) // t.batch_size)
   return pipeline.eval_batches(
     blocks, global_batch=t.batch_size, num_batches=num_batches or default_batches

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moejax import config_lib, decode, restore, sharding
-from moejax.data import tokenizer as tokenizer_lib
+from moejax.data import pipeline
 
 
 def filter_logits(logits_bv, *, top_k: int = 0, top_p: float = 1.0):
@@ -157,7 +156,7 @@ def main(argv=None) -> list[str]:
       raise config_lib.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
-  tokenizer = tokenizer_lib.Tokenizer.from_file(os.path.join(args.workdir, "tokenizer.model"))
+  tokenizer = pipeline.run_tokenizer(cfg.data.source, args.workdir)
   ids = tokenizer.encode(args.prompt)
   if not ids:
     raise config_lib.ConfigError("--prompt encodes to no token; give some text")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from moejax import interpret, train
+from moejax import evaluate, generate, interpret, train
 from moejax.data import chess as chess_data
 from tests.helpers import tiny_config
 
@@ -59,3 +59,33 @@ def test_interpret_cli_writes_metrics(chess_run, tmp_path, layer, ffn):
 def test_interpret_refuses_bad_layer(chess_run):
   with pytest.raises(ValueError, match="--layer=7"):
     interpret.main(["--workdir", chess_run[0], "--layer", "7"])
+
+
+def test_evaluate_data_on_the_held_out_games_equals_the_run_validation(chess_run, tmp_path):
+  """A chess run has no tokenizer.model: `evaluate --data` reads games (one per line, the ';'
+  optional) with the character vocabulary, so the held-out games as a file give the same loss
+  as the run's own validation split."""
+  workdir, cfg, _ = chess_run
+  _, val = chess_data.split_games(
+    chess_data.load_games(chess_data.parse_spec(cfg.data.source)), cfg.data.val_fraction
+  )
+  path = tmp_path / "games.txt"
+  path.write_text("\n".join(g.lstrip(";") if i % 2 else g for i, g in enumerate(val)) + "\n")
+  own = evaluate.main(["--workdir", workdir, "--batches", "1"])
+  given = evaluate.main(["--workdir", workdir, "--batches", "1", "--data", str(path)])
+  assert given["tokens"] == own["tokens"] > 0
+  assert given["loss"] == pytest.approx(own["loss"], abs=1e-6)
+  bad = tmp_path / "bad.txt"
+  bad.write_text("1.e4 e5 2.Nf3 Nc6 {a comment}\n")
+  with pytest.raises(ValueError, match="one movetext per line"):
+    evaluate.main(["--workdir", workdir, "--data", str(bad)])
+
+
+def test_generate_continues_a_game_in_the_chess_vocabulary(chess_run):
+  workdir, _, _ = chess_run
+  args = ["--workdir", workdir, "--max_new_tokens", "12", "--temperature", "0"]
+  texts = generate.main([*args, "--prompt", ";1.e4 e5 2."])
+  assert texts[0].startswith(";1.e4 e5 2.") and len(texts[0]) > len(";1.e4 e5 2.")
+  assert set(texts[0]) <= set(chess_data.VOCAB)
+  with pytest.raises(ValueError, match="not in the chess vocabulary"):
+    generate.main(["--workdir", workdir, "--prompt", "1.e4 {x}"])

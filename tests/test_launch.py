@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/local_multiprocess.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"]
+BENCHMARK_SCRIPTS = ["benchmarks/moex_experiment.sh", "benchmarks/moex_language.sh"]
 TRAIN = ["--config", "configs/switch_base.py", "--workdir", "/shared/my run"]
 
 
@@ -28,7 +29,7 @@ def _shellcheck() -> str | None:
   return shutil.which("shellcheck") or (str(beside) if beside.exists() else None)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + BENCHMARK_SCRIPTS)
 def test_syntax_and_shellcheck(script):
   _run(["bash", "-n", script])
   checker = _shellcheck()

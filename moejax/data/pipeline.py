@@ -129,6 +129,36 @@ def _chess_dataset(source: str, vocab_size: int, seq_len: int, val_fraction: flo
   return Dataset(tokenizer, train_blocks, val_blocks, unigram_entropy(train_blocks))
 
 
+def run_tokenizer(source: str, workdir: str):
+  """The tokenizer a run of `data.source` trained with: the fixed chess characters for a "chess:"
+  source, else the sentencepiece model the run wrote to WORKDIR/tokenizer.model."""
+  if source.startswith(chess_data.PREFIX):
+    return chess_data.CharTokenizer()
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"{path} not found: give the workdir of a moejax.train run (it writes the tokenizer there)"
+    )
+  return tokenizer_lib.Tokenizer.from_file(path)
+
+
+def chess_documents_to_tokens(documents: Sequence[str]) -> np.ndarray:
+  """Games given as text, one PGN movetext per line (';' before each added where missing), as
+  the character ids a chess run trains on."""
+  games = []
+  for document in documents:
+    for line in document.splitlines():
+      line = line.strip()
+      if line:
+        games.append(line if line.startswith(chess_data.SEPARATOR) else chess_data.SEPARATOR + line)
+  try:
+    return chess_data.encode_games(games)
+  except ValueError as e:
+    raise chess_data.ChessDataError(
+      f"{e}: a chess run evaluates games, one movetext per line, e.g. ';1.e4 e5 2.Nf3 Nc6'"
+    ) from None
+
+
 def tokenize_documents(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
   """One int32 token stream: every document's tokens followed by eos, in document order."""
   eos_id = tokenizer.eos_id
