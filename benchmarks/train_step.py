@@ -62,7 +62,7 @@ def resize_100m(cfg):
 
 
 def resize_1b(cfg):
-  """~0.93B parameters, ~0.2B active: 12 layers, d_model 1024, 16 heads, every MLP an MoE of 16
+  """~0.92B parameters, 0.18B active: 12 layers, d_model 1024, 16 heads, every MLP an MoE of 16
   experts of width 2048, top-2 (dense baseline d_ff 4096), vocab 32000, batch 8 x 2048 tokens.
   Sized for one 80 GB accelerator; the capacity dispatch by default (`--dispatch` to change)."""
   m, t = cfg.model, cfg.train

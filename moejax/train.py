@@ -30,6 +30,7 @@ from moejax import (
   distributed,
   faults,
   input_checks,
+  memory,
   optim,
   sharding,
   train_step,
@@ -87,12 +88,12 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   num_params = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
 
   # ---------------------------------------------------------------- Memory pre-flight
-  estimate = config_lib.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape)
+  estimate = memory.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape)
   if t.memory_limit_gib > 0:
     limit, source = t.memory_limit_gib * 2**30, "train.memory_limit_gib"
   else:
-    limit, source = config_lib.device_memory_bytes(devices[0])
-  config_lib.check_memory(estimate, limit, source, mesh_shape)
+    limit, source = memory.device_memory_bytes(devices[0])
+  memory.check_memory(estimate, limit, source, mesh_shape)
   say(
     f"moejax: {num_params / 1e6:.1f}M parameters; memory pre-flight "
     f"{estimate['total'] / 2**30:.2f} GiB per device of {limit / 2**30:.1f} GiB ({source})",

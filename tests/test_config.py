@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from moejax import config_lib
+from moejax import config_lib, memory
 from moejax.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_memory_estimate_counts_sharded_params():
   abstract = jax.tree.map(
     lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shards
   )
-  est = config_lib.estimate_memory_bytes(abstract, c, shape)
+  est = memory.estimate_memory_bytes(abstract, c, shape)
   total = sum(p.size * 4 for p in jax.tree.leaves(params))
   expert = sum(p.size * 4 for p in jax.tree.leaves(params) if p.ndim == 3 and p.shape[0] == 8)
   # Expert weights are split 4 ways; the rest is replicated.
