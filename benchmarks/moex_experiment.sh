@@ -8,6 +8,8 @@
 # upcycled MoE-X continues the dense ReLU run for STEPS/2 steps. On a 2-core CPU the runs go in two
 # lanes at once, each process pinned to one core with single-threaded XLA: measured here, two such
 # processes train 1.23x the characters/s of one process using both cores.
+# MOEX_MODELS (default all five) picks models, MOEX_FLAGS adds flags to every run, e.g. another
+# seed: MOEX_MODELS="dense_relu moex_scratch" MOEX_FLAGS=--config.train.seed=1 bash ... OUT2
 # Results: OUT_DIR/<model>/{eval.json,interpret_2.json}, then
 #   python -m benchmarks.moex_table OUT_DIR   (markdown table + docs/moex_results.json)
 set -euo pipefail
@@ -17,19 +19,23 @@ steps=${2:-400}
 games=${MOEX_GAMES:-5000}
 layer=${MOEX_LAYER:-2}
 python=${PYTHON:-python}
+models=" ${MOEX_MODELS:-dense_gelu dense_relu switch moex_scratch moex_upcycled} "
+read -r -a extra <<< "${MOEX_FLAGS:-}"
 mkdir -p "$out"
 export MOEJAX_CHESS_CACHE=${MOEJAX_CHESS_CACHE:-$out/games}
 cores=$(nproc)
 
 # Shared settings: the same games, steps and schedule for every model.
 common=(--config.data.source="chess:stockfish:$games" --config.train.steps="$steps"
-        --config.train.eval_every=$((steps / 2)) --config.train.checkpoint_every=$((steps / 2)))
+        --config.train.eval_every=$((steps / 2)) --config.train.checkpoint_every=$((steps / 2))
+        "${extra[@]}")
 
 # train NAME CONFIG [extra flags...]; then evaluate and interpret it. Skips a finished model.
 run_model() {
   local name=$1 config=$2
   shift 2
   local dir=$out/$name
+  [[ $models == *" $name "* ]] || return 0
   if [[ ! -f $dir/interpret_$layer.json ]]; then
     $python -m moejax.train --config "$config" --workdir "$dir" "${common[@]}" "$@" \
       > "$out/$name.train.log" 2>&1
@@ -46,8 +52,9 @@ $python -c "from moejax.data import chess; chess.load_games(chess.parse_spec('ch
 lane_a() {
   run_model dense_relu configs/dense.py:chess_relu_cpu
   run_model moex_upcycled configs/moex_chess.py:cpu --config.init.from_dense="$out/dense_relu" \
-    --config.model.moe.d_expert=1024 --config.train.steps=$((steps / 2)) \
-    --config.train.eval_every=$((steps / 4)) --config.train.checkpoint_every=$((steps / 4))
+    --config.init.from_dense_noise=0.01 --config.model.moe.d_expert=1024 \
+    --config.train.steps=$((steps / 2)) --config.train.eval_every=$((steps / 4)) \
+    --config.train.checkpoint_every=$((steps / 4))
   run_model moex_scratch configs/moex_chess.py:cpu
 }
 lane_b() {

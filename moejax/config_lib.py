@@ -275,6 +275,15 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.moe.router='base' needs model.moe.group_size={moe.group_size} to be a multiple of "
       f"model.moe.num_experts={moe.num_experts} (exactly S/E tokens per expert)"
     )
+  if (cfg.init.from_dense and moe.router == "moex" and m.moe_every
+      and not cfg.init.from_dense_noise and not moe.moex_learned_mix):  # fmt: skip
+    # moex scores experts from their own weights only: exact copies tie, the tied experts are
+    # chosen together with equal gates, get equal gradients and stay copies for good.
+    raise ConfigError(
+      "init.from_dense with model.moe.router='moex' and init.from_dense_noise=0: the experts "
+      "start as exact copies that moex cannot tell apart, so they are chosen together and stay "
+      "copies; set init.from_dense_noise (e.g. 0.01) or model.moe.moex_learned_mix > 0"
+    )
   options = routers.router_options(moe.router, moe)
   causal = routers.get_router_class(moe.router).causal_in_sequence(moe.top_k, **options)
   if not causal and moe.group_layout == "sequence" and not moe.allow_noncausal:

@@ -229,6 +229,12 @@ CASES = [
     "model.moe.router='base' needs model.moe.group_size=2 to be a multiple of",
   ),
   Case(
+    "moex-upcycle-exact-copies",
+    "MoE-X upcycled from exact copies (they can never diverge)",
+    _do(_set("init.from_dense", "/tmp/dense_run"), _set("model.moe.router", "moex")),
+    "the experts start as exact copies that moex cannot tell apart",
+  ),
+  Case(
     "noncausal-router",
     "a router that sees later tokens in sequence groups",
     _set("model.moe.router", "expert_choice"),
