@@ -33,5 +33,9 @@ run_model() {
 run_model dense_gelu configs/dense.py:tiny
 run_model dense_relu configs/dense.py:tiny --config.model.activation=relu
 run_model switch configs/switch_base.py:tiny
+# Top-2 is not causal inside a sequence's routing group: MoE-X routes each position across the
+# batch's 16 sequences (group_layout 'position'), dropless, as the chess recipes do.
 run_model moex configs/switch_base.py:tiny --config.model.moe.router=moex \
-  --config.model.activation=relu --config.model.moe.top_k=2 --config.model.moe.d_expert=256
+  --config.model.activation=relu --config.model.moe.top_k=2 --config.model.moe.d_expert=256 \
+  --config.model.moe.group_layout=position --config.model.moe.group_size=16 \
+  --config.model.moe.dispatch=dropless

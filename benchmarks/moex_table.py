@@ -43,36 +43,41 @@ def mean_l0_correlation(evaluation: dict) -> float | None:
   return float(np.mean(values)) if values else None
 
 
+def collect_run(run_dir: str, layer: int) -> dict | None:
+  """The row of one run directory (eval.json + interpret_<layer>.json), None if unfinished."""
+  eval_path = os.path.join(run_dir, "eval.json")
+  interp_path = os.path.join(run_dir, f"interpret_{layer}.json")
+  if not (os.path.exists(eval_path) and os.path.exists(interp_path)):
+    print(f"moex_table: no results yet in {run_dir}", file=sys.stderr)
+    return None
+  with open(eval_path) as f:
+    evaluation = json.load(f)
+  with open(interp_path) as f:
+    interp = json.load(f)
+  return {
+    "val_loss": evaluation["loss"],
+    "coverage": interp["coverage"],
+    "reconstruction": interp["reconstruction"],
+    "fraction_active": interp["fraction_active"],
+    "score_l0_rank_corr": mean_l0_correlation(evaluation),
+    "step": evaluation["step"],
+    "layer": layer,
+    "features": interp["features"],
+    "alive_features": interp["alive_features"],
+    "constant_feature_coverage": interp["constant_feature_coverage"],
+    "constant_feature_reconstruction": interp["constant_feature_reconstruction"],
+  }
+
+
 def collect(out_dir: str, layer: int) -> dict:
   """{model: row} for every model of MODELS whose results exist under `out_dir`."""
-  rows = {}
-  for name in MODELS:
-    eval_path = os.path.join(out_dir, name, "eval.json")
-    interp_path = os.path.join(out_dir, name, f"interpret_{layer}.json")
-    if not (os.path.exists(eval_path) and os.path.exists(interp_path)):
-      print(f"moex_table: {name}: no results yet ({eval_path}, {interp_path})", file=sys.stderr)
-      continue
-    with open(eval_path) as f:
-      evaluation = json.load(f)
-    with open(interp_path) as f:
-      interp = json.load(f)
-    rows[name] = {
-      "val_loss": evaluation["loss"],
-      "coverage": interp["coverage"],
-      "reconstruction": interp["reconstruction"],
-      "fraction_active": interp["fraction_active"],
-      "score_l0_rank_corr": mean_l0_correlation(evaluation),
-      "step": evaluation["step"],
-      "layer": layer,
-      "features": interp["features"],
-      "alive_features": interp["alive_features"],
-      "constant_feature_coverage": interp["constant_feature_coverage"],
-      "constant_feature_reconstruction": interp["constant_feature_reconstruction"],
-    }
-  return rows
+  rows = {name: collect_run(os.path.join(out_dir, name), layer) for name in MODELS}
+  return {name: row for name, row in rows.items() if row is not None}
 
 
-def markdown(rows: dict) -> str:
+def markdown(rows: dict, labels: dict | None = None) -> str:
+  """Rows {name: row} as a markdown table; `labels` names rows that are not in MODELS."""
+  labels = {**LABELS, **(labels or {})}
   fmt = lambda x: "–" if x is None else f"{x:.3f}"
   lines = [
     "| model | steps | val loss (nats/char) | coverage | reconstruction | fraction active | "
@@ -81,10 +86,10 @@ def markdown(rows: dict) -> str:
   ]
   for name, r in rows.items():
     lines.append(
-      f"| {LABELS[name]} | {r['step']} | {r['val_loss']:.4f} | {fmt(r['coverage'])} | "
+      f"| {labels[name]} | {r['step']} | {r['val_loss']:.4f} | {fmt(r['coverage'])} | "
       f"{fmt(r['reconstruction'])} | {fmt(r['fraction_active'])} | "
       f"{r['features']} ({r['alive_features']}) | {fmt(r['score_l0_rank_corr'])} | "
-      f"{' / '.join(PAPER[name])} |"
+      f"{' / '.join(PAPER.get(name, ('',)))} |"
     )
   if rows:
     any_row = next(iter(rows.values()))
@@ -122,6 +127,8 @@ def main(argv=None):
   parser.add_argument("--layer", type=int, default=2)
   parser.add_argument("--json", default="docs/moex_results.json")
   parser.add_argument("--language", default=None, help="benchmarks/moex_language.sh's OUT_DIR")
+  parser.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN_DIR",
+                      help="another run, in a second table (not in the JSON)")  # fmt: skip
   args = parser.parse_args(argv)
   if args.language:
     print(language_markdown(args.language))
@@ -129,6 +136,15 @@ def main(argv=None):
     return {}
   rows = collect(args.out_dir, args.layer)
   print(markdown(rows))
+  extra = {}
+  for item in args.extra:
+    label, _, run_dir = item.partition("=")
+    row = collect_run(run_dir, args.layer)
+    if row is not None:
+      extra[label] = row
+  if extra:
+    print()
+    print(markdown(extra, labels={label: label for label in extra}))
   if rows and args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
