@@ -23,7 +23,7 @@ LABELS = {
   "dense_relu": "dense ReLU",
   "switch": "Switch (top-1)",
   "moex_scratch": "MoE-X from scratch",
-  "moex_upcycled": "MoE-X upcycled",
+  "moex_upcycled": "MoE-X upcycled (steps after upcycling)",
 }
 # Yang et al. 2025, as quoted in ../shared/design/ALGORITHMS.md (8 layers, d 512, 1023-character
 # context); "-" = not given.
@@ -138,7 +138,7 @@ def main(argv=None):
   print(markdown(rows))
   extra = {}
   for item in args.extra:
-    label, _, run_dir = item.partition("=")
+    label, _, run_dir = item.rpartition("=")  # labels may hold "=", paths rarely do
     row = collect_run(run_dir, args.layer)
     if row is not None:
       extra[label] = row
