@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.ops import capacity as capacity_lib
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +82,22 @@ def router_kernel(rngs: nnx.Rngs, d_model: int, num_experts: int, init_std: floa
   """A float32 [D, E] router matrix, normal(init_std); experts are few, so E stays replicated."""
   init = jax.nn.initializers.normal(stddev=init_std)
   return nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None))
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+  """ValueError unless 1 <= top_k <= num_experts."""
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+
+
+class TokenChoiceRouter(nnx.Module):
+  """Base of the routers where each token picks its top_k experts (sets num_experts, top_k)."""
+
+  num_experts: int
+  top_k: int
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
+    return capacity_lib.token_choice_capacity(
+      num_tokens, self.num_experts, self.top_k, capacity_factor
+    )

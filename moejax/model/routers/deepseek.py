@@ -29,8 +29,8 @@ Design choices:
   second choice: causal within a sequence only for k=1. The bias update uses the batch's load but
   only changes later steps, so it does not break causality within a step.
 - Deviation: DeepSeek is dropless; moejax's `capacity` dispatch is not, so
-  `capacity(S, cf) = ceil(cf * S * k / E)` as in top-k, and recipes should use a generous
-  capacity factor (configs/deepseek_moe.py uses 2.0) until a dropless dispatch exists.
+  `capacity(S, cf) = ceil(cf * S * k / E)` as in top-k: use a generous capacity factor
+  (configs/deepseek_moe.py uses 2.0) or `model.moe.dispatch='dropless'`.
 - Deviation: the V3 sequence-wise balance loss is computed per routing GROUP (S tokens), not per
   sequence: it equals the paper's loss when groups are sequences (group_layout 'sequence' with
   group_size = seq_len); with group_layout 'position' it balances the sequences at one position.
@@ -48,7 +48,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.routers import base
-from moejax.ops import capacity
 
 
 class BalanceBias(nnx.Variable):
@@ -182,7 +181,7 @@ def bias_update(bias_e: jax.Array, expert_index: jax.Array, valid: jax.Array, ra
   return bias_e + rate * error_e, count_e
 
 
-class DeepSeekRouter(nnx.Module):
+class DeepSeekRouter(base.TokenChoiceRouter):
   """Sigmoid gate + bias-balanced top-k (DeepSeek-V3) over G routing groups."""
 
   CONFIG_OPTIONS = {
@@ -238,10 +237,6 @@ class DeepSeekRouter(nnx.Module):
     self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
     # Shape: [E]; replicated, float32, starts at 0 (plain top-k by affinity).
     self.bias = BalanceBias(jnp.zeros((num_experts,), jnp.float32), axes=(None,))
-
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(capacity_factor * S * k / E) (use a generous factor)."""
-    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None

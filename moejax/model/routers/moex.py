@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.routers import base
-from moejax.ops import aux_losses, capacity
+from moejax.ops import aux_losses
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -92,7 +92,7 @@ def route_scores(score_se: jax.Array, *, top_k: int) -> base.SparseRouting:
   )
 
 
-class MoEXRouter(nnx.Module):
+class MoEXRouter(base.TokenChoiceRouter):
   """Sparsity-aware top-k routing from the experts' encoder statistics (needs the expert bank)."""
 
   USES_EXPERT_WEIGHTS = True  # MoELayer passes `experts=` to __call__
@@ -114,17 +114,13 @@ class MoEXRouter(nnx.Module):
                stop_gradient_stats: bool = False, learned_mix: float = 0.0,
                balance_loss_weight: float = 0.0, log_l0_correlation: bool = True,
                init_std: float = 0.02):  # fmt: skip
-    if not 1 <= top_k <= num_experts:
-      raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+    base.check_top_k(top_k, num_experts)
     self.num_experts, self.top_k = num_experts, top_k
     self.stop_gradient_stats = stop_gradient_stats
     self.learned_mix = learned_mix
     self.balance_loss_weight = balance_loss_weight
     self.log_l0_correlation = log_l0_correlation
     self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
-
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
 
   def scores(self, x_gsd, w_in_edf) -> jax.Array:
     """float32[G, S, E]: -Phi(mu_h / sigma_h) (+ learned_mix * x W_r)."""

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.routers import base
-from moejax.ops import aux_losses, capacity
+from moejax.ops import aux_losses
 
 _CV_EPS = 1e-10  # keeps CV^2 finite when every expert has zero importance
 
@@ -82,8 +82,7 @@ def route_noisy_top_k(
     metrics: expert_load float32[E], router_entropy.
   """
   num_tokens, num_experts = clean_se.shape
-  if not 1 <= top_k <= num_experts:
-    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+  base.check_top_k(top_k, num_experts)
   clean_se = clean_se.astype(jnp.float32)
   noise_std_se = noise_std_se.astype(jnp.float32)
   if rng is None:
@@ -133,7 +132,7 @@ def route_noisy_top_k(
   )
 
 
-class NoisyTopKRouter(nnx.Module):
+class NoisyTopKRouter(base.TokenChoiceRouter):
   """Noisy top-k gating over G groups: gate and noise kernels W_g, W_noise [D, E], zero init."""
 
   CONFIG_OPTIONS = {"noise_epsilon": "noise_epsilon"}
@@ -164,8 +163,7 @@ class NoisyTopKRouter(nnx.Module):
       noise_epsilon: added to softplus(x W_noise): the least noise scale at training time.
     """
     del rngs
-    if not 1 <= top_k <= num_experts:
-      raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+    base.check_top_k(top_k, num_experts)
     if noise_epsilon < 0:
       raise ValueError(f"{noise_epsilon=} must be >= 0")
     self.num_experts = num_experts
@@ -174,10 +172,6 @@ class NoisyTopKRouter(nnx.Module):
     # Shape: [D, E] each; experts are few, so the E axis stays replicated.
     self.w_gate = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32), axes=("embed", None))
     self.w_noise = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32), axes=("embed", None))
-
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
-    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.routers import base
-from moejax.ops import aux_losses, capacity
+from moejax.ops import aux_losses
 
 
 def route_top_k(
@@ -43,8 +43,7 @@ def route_top_k(
       router_entropy (float32 scalar).
   """
   num_tokens, num_experts = logits_se.shape
-  if not 1 <= top_k <= num_experts:
-    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+  base.check_top_k(top_k, num_experts)
   logits_se = logits_se.astype(jnp.float32)
   probs_se = jax.nn.softmax(logits_se, axis=-1)
   # Shape: [S, K], choices sorted by decreasing probability.
@@ -78,7 +77,7 @@ def route_top_k(
   )
 
 
-class TopKRouter(nnx.Module):
+class TopKRouter(base.TokenChoiceRouter):
   """Linear router + token-choice top-k over G groups (Switch when top_k=1)."""
 
   CONFIG_OPTIONS = {
@@ -116,8 +115,7 @@ class TopKRouter(nnx.Module):
       normalize_weights: renormalise each token's k gate values to sum to 1.
       init_std: standard deviation of the normal kernel init (small: near-uniform routing).
     """
-    if not 1 <= top_k <= num_experts:
-      raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+    base.check_top_k(top_k, num_experts)
     if not 0.0 <= jitter_eps < 1.0:
       raise ValueError(f"{jitter_eps=} must be in [0, 1)")
     self.num_experts = num_experts
@@ -125,10 +123,6 @@ class TopKRouter(nnx.Module):
     self.jitter_eps = jitter_eps
     self.normalize_weights = normalize_weights
     self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
-
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
-    return capacity.token_choice_capacity(num_tokens, self.num_experts, self.top_k, capacity_factor)
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
