@@ -65,8 +65,9 @@ def model_flops_per_token(cfg) -> float:
   return 6 * active_matmul_params(cfg) + 12 * m.num_layers * cfg.train.seq_len * attention_width
 
 
-def mfu(cfg, tokens_per_second: float, device_kind: str,
-        peak_override: float | None = None) -> float | None:  # fmt: skip
+def mfu(
+  cfg, tokens_per_second: float, device_kind: str, peak_override: float | None = None
+) -> float | None:
   """Fraction of the device's peak FLOP/s spent on model FLOPs; None where the peak is unknown."""
   peak = peak_override or peak_flops(device_kind)
   if peak is None:

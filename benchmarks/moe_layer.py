@@ -76,8 +76,15 @@ MESH_SHAPE = {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
 
 def make_problem(tokens, d_model, d_ff, num_experts, k, seed=0):
   """Tokens [G, S, D], router weights [D, E] and an ExpertBank of hidden d_ff / k."""
-  bank = ExpertBank(num_experts, d_model, d_ff // k, activation="gelu", init_std=0.02,
-                    out_std=0.02, rngs=nnx.Rngs(seed))  # fmt: skip
+  bank = ExpertBank(
+    num_experts,
+    d_model,
+    d_ff // k,
+    activation="gelu",
+    init_std=0.02,
+    out_std=0.02,
+    rngs=nnx.Rngs(seed),
+  )
   graphdef, bank_state = nnx.split(bank)
   rng = np.random.default_rng(seed)
   group = min(GROUP_SIZE, tokens)
@@ -92,7 +99,7 @@ def route(x_gsd, w_router_de, k):
   return jax.vmap(lambda l_se: top_k.route_top_k(l_se, top_k=k))(logits_gse)
 
 
-def dispatch_fn(graphdef, dispatch, num_experts, capacity, grouped_matmul=None):
+def dispatch_fn(graphdef, dispatch, num_experts, capacity, grouped_matmul=None, rules=None):
   """(x [G, S, D], routing, expert state) -> y [G, S, D] through one dispatch."""
   fn = moe_layer.DISPATCHES[dispatch]
   if dispatch == "dropless":
@@ -100,7 +107,7 @@ def dispatch_fn(graphdef, dispatch, num_experts, capacity, grouped_matmul=None):
 
   def apply(x_gsd, routing, bank_state):
     bank = nnx.merge(graphdef, bank_state)
-    return fn(x_gsd, routing, bank, num_experts=num_experts, capacity=capacity)[0]
+    return fn(x_gsd, routing, bank, num_experts=num_experts, capacity=capacity, rules=rules)[0]
 
   return apply
 
@@ -216,10 +223,10 @@ def mesh_collectives(dispatch_fn, x_gsd, routing, bank_state):
   devices = jax.devices()[:8]
   sizes = tuple(MESH_SHAPE[a] for a in sharding.MESH_AXES)
   mesh = jax.make_mesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=devices)
-  rules = sharding.DEFAULT_RULES
+  rules = sharding.DEFAULT
   groups = ("data", "fsdp", "expert")  # the batch (hence whole groups) is split over all three
   bank_shardings = jax.tree.map(
-    lambda v: NamedSharding(mesh, sharding.logical_to_spec(sharding.param_axes(v), rules)),
+    lambda v: NamedSharding(mesh, rules.spec(sharding.param_axes(v))),
     bank_state,
     is_leaf=lambda v: isinstance(v, nnx.Variable),
   )
@@ -227,7 +234,7 @@ def mesh_collectives(dispatch_fn, x_gsd, routing, bank_state):
     lambda a: NamedSharding(mesh, P(groups, *([None] * (a.ndim - 1)))), routing
   )
   shardings = (NamedSharding(mesh, P(groups, None, None)), routing_sharding, bank_shardings)
-  with sharding.activate(mesh, rules):
+  with jax.set_mesh(mesh):
     compiled = jax.jit(dispatch_fn, in_shardings=shardings).lower(x_gsd, routing, bank_state)
     compiled = compiled.compile()
   return collective_bytes(compiled.as_text(), len(devices))
@@ -269,9 +276,15 @@ def run(args):
       for dispatch, gm in variants:
         apply = dispatch_fn(graphdef, dispatch, num_experts, cap, gm)
         fwd = moe_fwd(apply, k)
-        row = {"dispatch": dispatch if gm is None else f"{dispatch}:{gm}",
-               "num_experts": num_experts, "top_k": k, "d_expert": f // k, "capacity": cap,
-               "tokens": t, "d_model": d}  # fmt: skip
+        row = {
+          "dispatch": dispatch if gm is None else f"{dispatch}:{gm}",
+          "num_experts": num_experts,
+          "top_k": k,
+          "d_expert": f // k,
+          "capacity": cap,
+          "tokens": t,
+          "d_model": d,
+        }
         if dispatch != "all_to_all":
           step = fwd_bwd(fwd)
           flops, peak, _ = compiled_stats(step, problem)
@@ -298,14 +311,22 @@ def run(args):
           x_shards = MESH_SHAPE["expert"]
           minimum = 2 * t * k * d * 4 * (x_shards - 1) / x_shards
           row["collective_ratio"] = (
-            mesh_collectives(apply, x_gsd, route(x_gsd, w_router_de, k), bank_state) / minimum
+            mesh_collectives(
+              dispatch_fn(graphdef, dispatch, num_experts, cap, gm, rules=sharding.DEFAULT),
+              x_gsd,
+              route(x_gsd, w_router_de, k),
+              bank_state,
+            )
+            / minimum
           )
         rows.append(row)
         print(format_row(row), flush=True)
-  return rows, {"dense_ms_median": statistics.median(dense_times) * 1e3,
-                "dense_ms_all": [s * 1e3 for s in dense_times],
-                "dense_flops_ratio_vs_ideal": dense_flops / ideal,
-                "dense_peak_mib": dense_peak / 2**20}  # fmt: skip
+  return rows, {
+    "dense_ms_median": statistics.median(dense_times) * 1e3,
+    "dense_ms_all": [s * 1e3 for s in dense_times],
+    "dense_flops_ratio_vs_ideal": dense_flops / ideal,
+    "dense_peak_mib": dense_peak / 2**20,
+  }
 
 
 HEADER = (
@@ -346,16 +367,21 @@ def main():
   args.tokens = tokens or args.tokens or 8192
   if args.tokens % min(GROUP_SIZE, args.tokens):
     parser.error(f"--tokens {args.tokens} must be a multiple of the group size {GROUP_SIZE}")
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; T={args.tokens} "
-        f"D={args.d_model} d_ff={args.d_ff}; group size {min(GROUP_SIZE, args.tokens)}, "
-        f"capacity factor {CAPACITY_FACTOR}, float32; GLIBC_TUNABLES="
-        f"{os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)  # fmt: skip
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}; T={args.tokens} "
+    f"D={args.d_model} d_ff={args.d_ff}; group size {min(GROUP_SIZE, args.tokens)}, "
+    f"capacity factor {CAPACITY_FACTOR}, float32; GLIBC_TUNABLES="
+    f"{os.environ.get('GLIBC_TUNABLES', '')!r}",
+    flush=True,
+  )
   start = time.perf_counter()
   rows, dense = run(args)
   all_ms = ", ".join(f"{m:.0f}" for m in dense["dense_ms_all"])
-  print(f"\ndense FFN fwd+bwd median {dense['dense_ms_median']:.1f} ms (all: {all_ms}); XLA "
-        f"FLOPs / ideal {dense['dense_flops_ratio_vs_ideal']:.3f}; peak "
-        f"{dense['dense_peak_mib']:.0f} MiB\n")  # fmt: skip
+  print(
+    f"\ndense FFN fwd+bwd median {dense['dense_ms_median']:.1f} ms (all: {all_ms}); XLA "
+    f"FLOPs / ideal {dense['dense_flops_ratio_vs_ideal']:.3f}; peak "
+    f"{dense['dense_peak_mib']:.0f} MiB\n"
+  )
   print(HEADER)
   for r in rows:
     print(format_row(r))

@@ -26,6 +26,7 @@ from flax import nnx
 
 from benchmarks import mfu
 from moejax import optim, train_step
+from moejax.model import routers
 from moejax.model.transformer import Transformer
 
 
@@ -56,7 +57,7 @@ def resize_100m(cfg):
   32000), batch 8 x 128: big enough that matmuls dominate, small enough for a CPU."""
   m, t = cfg.model, cfg.train
   m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.d_ff = 32_000, 8, 512, 8, 2048
-  m.moe.num_experts, m.moe.top_k, m.moe.d_expert, m.moe.group_size = 8, 1, 0, 256
+  m.moe.num_experts, m.moe.top_k, m.moe.d_expert, m.moe.group_size = 8, 1, None, 256
   t.batch_size, t.seq_len = 8, 128
   return cfg
 
@@ -85,7 +86,7 @@ def compiled_step(cfg):
     nnx.to_pure_dict(params), nnx.to_pure_dict(rest), opt, cfg.train.seed
   )
   schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
-  weights = dict(cfg.model.moe.aux_loss_weights)
+  weights = routers.loss_weights(cfg.model.moe)
   step = jax.jit(train_step.make_train_step(graphdef, opt, weights, schedule), donate_argnums=0)
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   key = jax.random.key(0)
@@ -119,13 +120,25 @@ def main():
   parser.add_argument("--config", default="configs/switch_base.py:tiny")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", default=None, help="write the row as JSON here")
-  parser.add_argument("--size", choices=("config", *SIZES), default="config",
-                      help="'100m' / '1b': resize_100m / resize_1b")  # fmt: skip
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                      help="compute dtype (default: the config's)")  # fmt: skip
+  parser.add_argument(
+    "--size",
+    choices=("config", *SIZES),
+    default="config",
+    help="'100m' / '1b': resize_100m / resize_1b",
+  )
+  parser.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default=None,
+    help="compute dtype (default: the config's)",
+  )
   parser.add_argument("--dispatch", default=None, help="model.moe.dispatch (default: the config's)")
-  parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="one device's peak, for MFU where mfu.py lacks it")  # fmt: skip
+  parser.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=None,
+    help="one device's peak, for MFU where mfu.py lacks it",
+  )
   args = parser.parse_args()
   cfg = load_config(args.config)
   if args.size != "config":
@@ -162,8 +175,10 @@ def main():
     "dense_mfu": mfu.mfu(dense, tokens / dense_s, device, peak),
   }
   pct = lambda x: "n/a (peak unknown)" if x is None else f"{100 * x:.1f}%"
-  print("| config | params | dtype | device | MoE tok/s | dense tok/s | MoE time / dense time | "
-        "MoE MFU | dense MFU |")  # fmt: skip
+  print(
+    "| config | params | dtype | device | MoE tok/s | dense tok/s | MoE time / dense time | "
+    "MoE MFU | dense MFU |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   print(
     f"| {row['config']} | {num_params / 1e6:.0f}M | {row['dtype']} | {device} | "

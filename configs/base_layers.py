@@ -28,18 +28,16 @@ CPU-sized member, same sizes and steps as switch_base:tiny (trains in minutes on
   python -m moejax.train --config configs/base_layers.py:tiny --workdir /tmp/base_layers_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/base_layers.py")
+  c = recipes.switch_base_family(preset, "configs/base_layers.py")
   moe = c.model.moe
   moe.router = "base"
   moe.capacity_factor = 1.0  # exactly S/E slots: the balanced assignment fills each exactly
-  moe.assignment_iterations = 100  # cap on auction rounds and on cycle-cancelling steps
+  moe.base.num_iterations = 100  # cap on auction rounds and on cycle-cancelling steps
   moe.group_layout = "position"  # a group = one position of group_size sequences
-  moe.aux_loss_weights.load_balance_loss = 0.0  # not produced: balanced by construction
-  moe.aux_loss_weights.router_z_loss = 0.0  # not produced
   if preset == "tiny":
     moe.group_size = 16  # divides train.batch_size; a multiple of num_experts (2 per expert)
     moe.eval_capacity_factor = 8.0  # = num_experts: C = S, greedy eval drops nothing

@@ -24,31 +24,30 @@ CPU-sized member, same sizes and steps as switch_base:tiny (trains in minutes on
   python -m moejax.train --config configs/deepseek_moe.py:tiny --workdir /tmp/deepseek_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/deepseek_moe.py")
+  c = recipes.switch_base_family(preset, "configs/deepseek_moe.py")
   m, moe = c.model, c.model.moe
   moe.router = "deepseek"
   moe.d_expert = m.d_ff // 4  # fine-grained experts: 1/4 of an FFN
-  moe.route_scale = 1.0
-  moe.num_expert_groups, moe.top_expert_groups = 1, 1  # group-limited routing off (V3: 8, 4)
+  gate = moe.deepseek
+  gate.route_scale = 1.0
+  gate.num_expert_groups, gate.top_expert_groups = 1, 1  # group-limited routing off (V3: 8, 4)
   moe.capacity_factor, moe.eval_capacity_factor = 2.0, 3.0  # generous: DeepSeek is dropless
   moe.group_layout = "position"  # k > 1 with capacity is not causal within a sequence
-  moe.aux_loss_weights.sequence_balance_loss = 1e-4  # the only aux loss this router returns
+  gate.sequence_balance_loss_weight = 1e-4  # the only aux loss this router returns
   if preset == "tiny":
     # 16 experts of d_ff/4 = 128, top-4, 1 shared expert.
     moe.num_experts, moe.top_k, moe.num_shared_experts = 16, 4, 1
     moe.group_size = 16
-    # V3's gamma 1e-3 is too slow for 600 steps at lr 2e-3: measured at step 250-290, gamma 1e-3
-    # left max/mean load ~2.5 and 4-12% of choices dropped (eval loss 4.228 at 250); 1e-2 gave
-    # max/mean ~1.15, 0.3% dropped (eval loss 4.161).
-    moe.bias_update_rate = 1e-2
+    # V3's gamma 1e-3 is too slow for 600 steps at lr 2e-3 (docs/PERFORMANCE.md, DeepSeek tiny).
+    gate.bias_update_rate = 1e-2
   else:
     # DeepSeekMoE-16B ratios: 64 routed experts (top-6) + 2 shared, SwiGLU.
     m.activation = "swiglu"
     moe.num_experts, moe.top_k, moe.num_shared_experts = 64, 6, 2
     moe.group_size = 256
-    moe.bias_update_rate = 1e-3
+    gate.bias_update_rate = 1e-3
   return c

@@ -12,21 +12,12 @@ It is also the starting point of sparse upcycling (moejax/upcycle.py, Komatsuzak
 
 Full size (needs accelerators):
   python -m moejax.train --config configs/dense.py --workdir /tmp/dense
-
-Chess presets (the MoE-X experiment, docs/MOEX.md; sizes in moejax/chess_recipes.py):
-`chess`, `chess_cpu` (GELU) and `chess_relu`, `chess_relu_cpu` (ReLU).
 """
 
-from moejax import chess_recipes, config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  if preset.startswith("chess"):  # chess[_relu][_cpu]
-    ffn = "dense_relu" if "_relu" in preset else "dense_gelu"
-    size = "cpu" if preset.endswith("_cpu") else ""
-    if preset not in ("chess", "chess_cpu", "chess_relu", "chess_relu_cpu"):
-      raise ValueError(f"configs/dense.py: unknown chess preset {preset!r}")
-    return chess_recipes.chess_family(size, ffn, "configs/dense.py")
-  c = config_lib.switch_base_family(preset, "configs/dense.py")
+  c = recipes.switch_base_family(preset, "configs/dense.py")
   c.model.moe_every = 0  # no MoE layer: every block's feed-forward is a dense MLP of width d_ff
   return c

@@ -18,18 +18,17 @@ CPU-sized member, same sizes and steps as switch_base:tiny (trains in minutes on
   python -m moejax.train --config configs/expert_choice.py:tiny --workdir /tmp/expert_choice_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/expert_choice.py")
+  c = recipes.switch_base_family(preset, "configs/expert_choice.py")
   moe = c.model.moe
   moe.router = "expert_choice"  # top_k unused by this router
   # The same factor in training and evaluation: it sets the compute, not a drop tolerance.
   moe.capacity_factor, moe.eval_capacity_factor = 2.0, 2.0
   moe.group_layout = "position"  # a group = one position of group_size sequences
-  moe.aux_loss_weights.load_balance_loss = 0.0  # not produced: balanced by construction
-  moe.aux_loss_weights.router_z_loss = 1e-3
+  moe.expert_choice.router_z_loss_weight = 1e-3  # no balance loss: balanced by construction
   if preset == "tiny":
     moe.group_size = 16  # the 16 tokens at one position: c = 2 * 16 / 8 = 4
   else:

@@ -13,14 +13,14 @@ CPU-sized member of the same family (the switch_base tiny preset with this route
   python -m moejax.train --config configs/gshard_top2.py:tiny --workdir /tmp/gshard_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/gshard_top2.py")
+  c = recipes.switch_base_family(preset, "configs/gshard_top2.py")
   m, moe = c.model, c.model.moe
   moe.router, moe.top_k = "gshard_top2", 2
-  moe.second_expert_policy = "random"
+  moe.gshard_top2.second_expert_policy = "random"
   # A group = one position of group_size sequences: causal (second choices rank after later
   # tokens' first choices, which would leak the future within a sequence).
   moe.group_layout = "position"
@@ -34,5 +34,5 @@ def get_config(preset: str = ""):
     m.d_model, m.num_heads, m.d_ff, m.activation = 1024, 16, 8192, "relu"
     moe.capacity_factor = 1.0
     moe.group_size = 256
-    moe.aux_loss_weights.router_z_loss = 0.0
+    moe.gshard_top2.router_z_loss_weight = 0.0
   return c

@@ -11,7 +11,7 @@ dispatch, which needs the routing groups to split over data * fsdp * expert devi
 (16 x 128 tokens / group size 256 = 8 groups: one per device).
 """
 
-from moejax import config_lib
+from moejax import config_lib, recipes
 
 # Preset -> mesh axis sizes (8 devices each).
 LAYOUTS = {
@@ -23,8 +23,10 @@ LAYOUTS = {
 
 def get_config(preset: str = "ep4"):
   if preset not in LAYOUTS:
-    raise ValueError(f"configs/mesh_layouts.py: unknown preset {preset!r}; known: {list(LAYOUTS)}")
-  c = config_lib.switch_base_family("tiny", "configs/mesh_layouts.py")
+    raise config_lib.ConfigError(
+      f"configs/mesh_layouts.py: unknown preset {preset!r}; known: {list(LAYOUTS)}"
+    )
+  c = recipes.switch_base_family("tiny", "configs/mesh_layouts.py")
   c.model.moe.dispatch = "all_to_all"
   for axis, size in LAYOUTS[preset].items():
     c.mesh[axis] = size

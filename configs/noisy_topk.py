@@ -13,19 +13,17 @@ CPU-sized member of the same family (the switch_base tiny preset with this route
   python -m moejax.train --config configs/noisy_topk.py:tiny --workdir /tmp/noisy_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/noisy_topk.py")
+  c = recipes.switch_base_family(preset, "configs/noisy_topk.py")
   m, moe = c.model, c.model.moe
   moe.router = "noisy_top_k"
-  moe.noise_epsilon = 1e-2
+  moe.noisy_top_k.noise_epsilon = 1e-2
   moe.group_layout = "position"  # k > 1 with capacity is not causal within a sequence
-  # Importance and load losses at 1e-2 each (config defaults; the paper used 0.1 with LSTMs);
-  # the Switch losses are not returned by this router.
-  moe.aux_loss_weights.load_balance_loss = 0.0
-  moe.aux_loss_weights.router_z_loss = 0.0
+  # Importance and load losses at 1e-2 each (the family's defaults; the paper used 0.1 with LSTMs).
+  moe.noisy_top_k.importance_loss_weight = moe.noisy_top_k.load_loss_weight = 1e-2
   if preset == "tiny":
     # k = 2: with k = 1 the single gate is always 1 and the gate kernel would learn from the load
     # loss only. Groups are the 16 tokens at one position (C = ceil(1.25 * 16 * 2 / 8) = 5).

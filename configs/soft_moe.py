@@ -21,17 +21,16 @@ CPU-sized member, same sizes and steps as switch_base:tiny (trains in minutes on
   python -m moejax.train --config configs/soft_moe.py:tiny --workdir /tmp/soft_moe_tiny
 """
 
-from moejax import config_lib
+from moejax import recipes
 
 
 def get_config(preset: str = ""):
-  c = config_lib.switch_base_family(preset, "configs/soft_moe.py")
+  c = recipes.switch_base_family(preset, "configs/soft_moe.py")
   moe = c.model.moe
   moe.router = "soft_moe"  # top_k unused by this router
-  moe.slots_per_expert = 2  # E * P slots = the group's tokens (128 * 2 = 256; tiny 8 * 2 = 16)
+  moe.soft_moe.slots_per_expert = (
+    2  # E * P slots = the group's tokens (128 * 2 = 256; tiny 8 * 2 = 16)
+  )
   moe.group_layout = "position"  # a group = one position of group_size sequences
   moe.group_size = 16 if preset == "tiny" else 256
-  # Soft MoE returns no aux losses; the weights are kept (every key exists) but unused.
-  moe.aux_loss_weights.load_balance_loss = 0.0
-  moe.aux_loss_weights.router_z_loss = 0.0
   return c

@@ -11,9 +11,12 @@ Crash safety (what Orbax gives, and what is added here):
   `cleanup_tmp_directories` removes it at the next start. Old steps beyond `keep` are deleted
   only after the newer save has committed (CheckpointManager._finalize).
 - A committed step can still be damaged later (truncated or deleted files). `restore_latest`
-  tries the steps newest first; once one reads, the newer unreadable ones are reported with the
-  reason and moved to checkpoints/unreadable/ (kept for inspection, never deleted). When none
-  reads, nothing is moved and the error lists why.
+  tries the steps newest first; once one reads, the newer damaged ones are reported with the
+  reason and moved to checkpoints/unreadable/ (kept for inspection, never deleted). Only errors
+  that mean the bytes are bad (missing or truncated files, undecodable data) count as damage,
+  and every host must have read the step without any other error: an out-of-memory, a
+  permission or network error stops the run with the step untouched. When no step reads,
+  nothing is moved and the error lists why.
 - A checkpoint whose array shapes do not match the config is a user error, not damage:
   `check_compatible` raises `IncompatibleCheckpointError` naming the differing config keys and
   touches nothing.
@@ -24,31 +27,71 @@ Crash safety (what Orbax gives, and what is added here):
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from moejax import errors, paths
+
 UNREADABLE_DIR = "unreadable"
+# Text (lower case) of the errors Orbax / TensorStore raise for bytes that are missing or malformed.
+_DAMAGE_MARKERS = (
+  "data_loss",
+  "not_found",
+  "not found",
+  "out_of_range",
+  "error opening",
+  "error reading",
+  "unexpected end",
+  "no such file",
+  "does not exist",
+  "expecting value",
+  "decode",
+  "corrupt",
+  "truncat",
+)
+_OK, _DAMAGED, _FAILED = 0, 1, 2
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.CheckpointError):
   """The workdir holds a checkpoint of another model; the message names the differing keys."""
 
 
-class CheckpointReadError(OSError):
+class CheckpointReadError(errors.CheckpointError):
   """No checkpoint of the workdir can be read; nothing was moved or deleted."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(errors.CheckpointError):
   """Writing a checkpoint failed (e.g. disk full); the previous checkpoint is intact."""
 
 
+def is_damage(error: BaseException) -> bool:
+  """Whether a restore error means the checkpoint's bytes are bad (not memory, not access)."""
+  if isinstance(error, FileNotFoundError | json.JSONDecodeError | EOFError):
+    return True
+  if isinstance(error, MemoryError | PermissionError):
+    return False
+  text = str(error).lower()
+  if any(m in text for m in ("resource_exhausted", "out of memory", "permission", "unavailable")):
+    return False
+  return any(marker in text for marker in _DAMAGE_MARKERS)
+
+
+def _agree(status: int) -> np.ndarray:
+  """Every host's restore status of one step (hosts read their own shards)."""
+  if jax.process_count() == 1:
+    return np.asarray([status])
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(np.int32(status)))
+
+
 class Checkpointer:
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir, *, keep: int, async_save: bool = True):
+    self.directory = paths.resolve(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -92,25 +135,39 @@ class Checkpointer:
   def restore_latest(self, abstract_state, say=print):
     """(step, state, data_state) of the newest readable step, or None when there is none.
 
-    Unreadable steps newer than the one restored are reported through `say` and moved aside.
-    When no step can be read, nothing is moved and `CheckpointReadError` lists the reasons:
-    a failure of every step is more likely a changed setup (mesh, memory) than damage.
+    Damaged steps newer than the one restored are reported through `say` and moved aside. An
+    error that is not damage (on any host) is raised with nothing moved. When no step can be
+    read, nothing is moved and `CheckpointReadError` lists the reasons: a failure of every step
+    is more likely a changed setup (mesh, memory) than damage.
     """
-    failures = []
+    damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      error = None
       try:
         restored = self.restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any failure to read means: try an older step
-        failures.append((step, _first_line(e)))
+      except Exception as e:  # noqa: BLE001 - classified below: damage, or raised
+        error = e
+      local = _OK if error is None else (_DAMAGED if is_damage(error) else _FAILED)
+      statuses = _agree(local)
+      if (statuses == _FAILED).any():
+        if error is not None and local == _FAILED:
+          raise error
+        raise errors.CheckpointError(
+          f"checkpoint step {step} in {self.directory} failed to load on another host (see its "
+          "log); nothing was moved. Fix that host's problem and rerun"
+        )
+      if (statuses == _DAMAGED).any():
+        reason = _first_line(error) if error is not None else "unreadable on another host"
+        damaged.append((step, reason))
         continue
-      for bad, reason in failures:
+      for bad, reason in damaged:
         say(f"moejax: checkpoint step {bad} is unreadable ({reason}); falling back to step {step}")
         self._move_aside(bad)
       return (step, *restored)
-    if failures:
-      reasons = "; ".join(f"step {s}: {r}" for s, r in failures)
+    if damaged:
+      reasons = "; ".join(f"step {s}: {r}" for s, r in damaged)
       raise CheckpointReadError(
-        f"no checkpoint in {self.directory!r} can be read ({reasons}); nothing was changed. "
+        f"no checkpoint in {str(self.directory)!r} can be read ({reasons}); nothing was changed. "
         "If the mesh or machine changed, go back to it; to start afresh use a new --workdir"
       )
     return None
@@ -142,7 +199,7 @@ class Checkpointer:
     shown = arrays[0] + (f" {saved.get(arrays[0])} vs {wanted.get(arrays[0])}")
     keys = "; ".join(diff[:8]) if diff else "none found in WORKDIR/config.json"
     raise IncompatibleCheckpointError(
-      f"workdir {os.path.dirname(self.directory)!r} holds a checkpoint (step {step}) from an "
+      f"workdir {str(self.directory.parent)!r} holds a checkpoint (step {step}) from an "
       f"incompatible config (differing keys: {keys}; first mismatched array {shown}); use a new "
       "--workdir, or set those keys back to resume"
     )
@@ -161,17 +218,17 @@ class Checkpointer:
     committed = [s for s in self.manager.all_steps() if s != step]
     last = f"step {max(committed)} is intact" if committed else "no earlier checkpoint exists"
     return CheckpointWriteError(
-      f"saving checkpoint step {step} in {self.directory!r} failed ({_first_line(e)}); {last}. "
-      "Free disk space (or fix the path) and rerun the same command to resume"
+      f"saving checkpoint step {step} in {str(self.directory)!r} failed ({_first_line(e)}); "
+      f"{last}. Free disk space (or fix the path) and rerun the same command to resume"
     )
 
   def _move_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      target = os.path.join(self.directory, UNREADABLE_DIR, f"{step}-{int(time.time())}")
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      src = os.path.join(self.directory, str(step))
-      if os.path.exists(src):
-        os.replace(src, target)
+      target = self.directory / UNREADABLE_DIR / f"{step}-{int(time.time())}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      src = self.directory / str(step)
+      if src.exists():
+        src.rename(target)
       logging.warning("Moved unreadable checkpoint %s to %s", src, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -190,22 +247,19 @@ def abstract_like(state, shardings):
 # -------------------------------------------------------------------- config.json
 
 
-def write_config(workdir: str, config: dict) -> None:
+def write_config(workdir, config: dict) -> None:
   """Writes WORKDIR/config.json atomically (process 0 only)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "config.json")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(config, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_atomically(
+    paths.resolve(workdir) / "config.json", json.dumps(config, indent=1, sort_keys=True)
+  )
 
 
-def read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
+def read_config(workdir) -> dict | None:
+  path = paths.resolve(workdir) / "config.json"
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, ValueError):
     return None
 

@@ -1,38 +1,49 @@
-"""Default config and its validation with one-line errors (the memory pre-flight: memory.py).
+"""The config schema (a locked, typed ConfigDict) and its validation with one-line errors.
 
 Every config file in configs/ starts from `default_config()` and changes values, so every key the
-code reads is defined here, once. `validate` runs before anything is compiled.
+code reads is defined here, once. The ConfigDict is locked (a misspelt key fails where it is
+written, with ml_collections' "did you mean") and typed (assigning a value of another type fails;
+optional values are typed placeholders whose None means "derive it", never 0). `validate` checks
+the values and their combinations, and runs before anything is compiled.
+
+Router families own their options: `model.moe.<family>` is built from each registered family's
+`Options` dataclass (moejax/model/routers/). Modules outside moejax that register routers or data
+sources are named in `extensions` and imported before a saved config is read again.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import ml_collections
 from absl import logging
+from ml_collections import config_dict
 
-from moejax import sharding
+from moejax import errors, faults, sharding
+from moejax.model import routers
 
+ConfigError = errors.ConfigError  # the error every check below raises
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 DISPATCHES = ("capacity", "dropless", "all_to_all")  # moejax/model/moe_layer.py
 GROUP_LAYOUTS = ("sequence", "position")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A user-fixable configuration error; the message names the key, the value and the fix."""
+DECODE_POLICIES = ("fail", "skip")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The schema: every key any moejax code reads, with CPU-friendly defaults."""
+  """The schema: every key any moejax code reads, with CPU-friendly defaults (locked)."""
   c = ml_collections.ConfigDict()
+  # Comma-separated modules imported before the config is used: routers or data sources that
+  # register themselves from outside moejax (e.g. "moejax.proj.moex").
+  c.extensions = ""
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 4096  # also the sentencepiece vocabulary size
   m.num_layers = 4
   m.d_model = 256
   m.num_heads = 4
-  m.head_dim = 0  # 0 = d_model // num_heads
+  m.head_dim = config_dict.placeholder(int)  # None = d_model // num_heads
   m.d_ff = 1024
   m.activation = "gelu"
   m.moe_every = 2  # layer i is MoE when (i + 1) % moe_every == 0; 0 = dense model
@@ -42,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
 
   m.moe = moe = ml_collections.ConfigDict()
-  moe.router = "switch"
+  moe.router = "switch"  # a family or alias of moejax/model/routers (its options: moe.<family>)
   moe.dispatch = "capacity"
   moe.num_experts = 8
   moe.top_k = 1
@@ -50,38 +61,16 @@ def default_config() -> ml_collections.ConfigDict:
   moe.eval_capacity_factor = 2.0
   moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
   moe.group_layout = "sequence"  # or "position": a group = one position of group_size sequences
-  moe.d_expert = 0  # expert hidden size; 0 = model.d_ff
+  moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
+  moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
-  moe.jitter_eps = 0.0
-  moe.normalize_top_k = False
-  moe.router_init_std = 0.02
-  # Family options (each router reads only its own; see its CONFIG_OPTIONS).
-  moe.second_expert_policy = "random"  # gshard_top2: "random" (GShard) or "all"
-  moe.noise_epsilon = 1e-2  # noisy_top_k: added to softplus(noise logits)
-  moe.slots_per_expert = 1  # soft_moe
-  moe.soft_init_scale = 1.0  # soft_moe: initial value of the learned logit scale
-  moe.assignment_iterations = 100  # base: balanced-assignment solver iterations
-  moe.num_shared_experts = 0  # deepseek: experts every token uses
-  moe.route_scale = 1.0  # deepseek: multiplies the normalised gate values
-  moe.bias_update_rate = 1e-3  # deepseek: aux-loss-free balancing bias step (gamma)
-  moe.num_expert_groups = 1  # deepseek: group-limited routing (1 = off)
-  moe.top_expert_groups = 1  # deepseek: groups kept per token
-  moe.moex_stop_gradient_stats = False  # moex: no gradient through the encoder statistics
-  moe.moex_learned_mix = 0.0  # moex: score = -Phi + mix * learned logits (0 = pure MoE-X)
-  moe.moex_balance_loss_weight = 0.0  # moex: scales its load_balance_loss (0 = none)
-  moe.moex_log_l0_correlation = True  # moex: eval metric score vs true expert L0 rank corr
-  moe.aux_loss_weights = ml_collections.ConfigDict(
-    {
-      "load_balance_loss": 1e-2,
-      "router_z_loss": 1e-3,
-      "importance_loss": 1e-2,
-      "load_loss": 1e-2,
-      "sequence_balance_loss": 1e-4,
-    }
-  )
+  for family, options in routers.option_defaults().items():
+    if family in moe:
+      raise ValueError(f"router family {family!r} collides with the key model.moe.{family}")
+    moe[family] = ml_collections.ConfigDict(options)
 
   c.data = d = ml_collections.ConfigDict()
-  d.source = "shakespeare"  # or comma-separated globs of .txt / .jsonl files
+  d.source = "shakespeare"  # or comma-separated globs of .txt / .jsonl files, or PREFIX:...
   d.jsonl_field = "text"
   d.val_fraction = 0.05
   d.decode_errors = "fail"  # a file (or .jsonl line) that is not UTF-8: "fail" or "skip" it
@@ -96,9 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 250
   t.keep_checkpoints = 3
   t.seed = 0
-  t.memory_limit_gib = 0.0  # 0 = detect the device's memory
+  t.memory_limit_gib = config_dict.placeholder(float)  # None = the device's memory
   t.nonfinite_policy = "halt"  # non-finite loss/grad/aux: "halt" (exit 3) or "skip" the update
-  t.debug_poison_step = 0  # test hook: the loss of this 1-based step is NaN (0 = off)
+  t.debug_poison_step = config_dict.placeholder(int)  # test hook: this 1-based step's loss is NaN
 
   c.optim = o = ml_collections.ConfigDict()
   o.learning_rate = 1e-3
@@ -108,15 +97,15 @@ def default_config() -> ml_collections.ConfigDict:
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8
-  o.grad_clip = 1.0
+  o.grad_clip = 1.0  # 0 = no clipping
 
   # Sparse upcycling (moejax/upcycle.py): start an MoE run from a dense moejax checkpoint.
   c.init = ini = ml_collections.ConfigDict()
-  ini.from_dense = ""  # a dense run's workdir (its latest step) or WORKDIR/checkpoints/<step>
+  ini.from_dense = config_dict.placeholder(str)  # a dense workdir, or .../checkpoints/<step>
   ini.from_dense_noise = 0.0  # expert copies get N(0, (noise * std of the dense weight)^2) noise
 
   c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1
+  ms.data = -1  # -1 = the devices the other axes leave
   ms.fsdp = 1
   ms.expert = 1
   ms.tensor = 1
@@ -131,68 +120,30 @@ def default_config() -> ml_collections.ConfigDict:
   # Multi-host start-up (moejax/distributed.py): all three of address/count/id, or none to detect
   # a TPU pod or Slurm job (else one process).
   c.distributed = ds = ml_collections.ConfigDict()
-  ds.coordinator_address = ""  # host:port of process 0
-  ds.num_processes = 0
-  ds.process_id = -1
+  ds.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
+  ds.num_processes = config_dict.placeholder(int)
+  ds.process_id = config_dict.placeholder(int)
   ds.initialization_timeout_s = 300  # processes wait this long for each other at start
   ds.heartbeat_timeout_s = 100  # a peer silent this long stops every process
+  c.lock()
   return c
 
 
-def switch_base_family(preset: str, recipe: str) -> ml_collections.ConfigDict:
-  """The Switch-Base trunk every recipe in configs/ starts from (full size or preset `tiny`).
-
-  Full: 12 layers, d_model 768, 12 heads, d_ff 3072, GELU, MoE every other layer, 128 experts,
-  top-1 Switch routing, capacity factor 1.25 (eval 2.0). `tiny`: the CPU-sized member (4 layers,
-  d_model 256, d_ff 512, 8 experts, vocab 2048, 600 steps of 16 x 128 tokens; < 10 min on 2 cores).
-  Recipes change only what their router needs, so their results compare.
-
-  Args:
-    preset: "" (full) or "tiny".
-    recipe: the calling config file, named in the error for an unknown preset.
-  """
-  c = default_config()
-  m, moe, t = c.model, c.model.moe, c.train
-  m.vocab_size = 32_000
-  m.num_layers, m.d_model, m.num_heads, m.d_ff = 12, 768, 12, 3072
-  m.activation = "gelu"
-  m.moe_every = 2
-  moe.router, moe.num_experts, moe.top_k = "switch", 128, 1
-  moe.capacity_factor, moe.eval_capacity_factor = 1.25, 2.0
-  moe.group_size = 1024
-  t.steps, t.batch_size, t.seq_len = 100_000, 256, 1024
-  t.eval_every, t.checkpoint_every, t.log_every = 2000, 2000, 100
-  c.optim.learning_rate, c.optim.warmup_steps = 1e-3, 2000
-  if preset == "tiny":
-    # Sized so the run takes < 10 minutes on 2 CPU cores (~0.55 s/step, compute bound).
-    m.vocab_size = 2048
-    m.num_layers, m.d_model, m.num_heads, m.d_ff = 4, 256, 4, 512
-    moe.num_experts = 8
-    moe.group_size = 256
-    t.steps, t.batch_size, t.seq_len = 600, 16, 128
-    t.eval_every, t.checkpoint_every, t.log_every = 200, 200, 20
-    c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 50
-  elif preset:
-    raise ValueError(f"{recipe}: unknown preset {preset!r}; known: '' (full), 'tiny'")
-  return c
+def import_extensions(extensions: str) -> None:
+  """Imports the comma-separated modules of `extensions` (they register routers or sources)."""
+  for name in filter(None, (part.strip() for part in extensions.split(","))):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ConfigError(
+        f"extensions: cannot import {name!r} ({e}); install it or fix the module name"
+      ) from None
 
 
-def rules_from_config(mesh_cfg) -> dict[str, tuple[str, ...]]:
-  return {k: tuple(a for a in v.split(",") if a) for k, v in mesh_cfg.rules.items()}
-
-
-def _keys(cfg, prefix=""):
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _keys(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}"
-
-
-def _get(cfg, key):
-  for part in key.split("."):
-    cfg = cfg[part]
-  return cfg
+def rules_from_config(mesh_cfg) -> sharding.Rules:
+  return sharding.Rules.of(
+    {k: tuple(a for a in v.split(",") if a) for k, v in mesh_cfg.rules.items()}
+  )
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -220,84 +171,60 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   return shape
 
 
+_POSITIVE = (
+  "model.vocab_size",
+  "model.num_layers",
+  "model.d_model",
+  "model.num_heads",
+  "model.d_ff",
+  "model.head_dim",
+  "model.moe.num_experts",
+  "model.moe.top_k",
+  "model.moe.group_size",
+  "model.moe.d_expert",
+  "train.steps",
+  "train.batch_size",
+  "train.seq_len",
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.debug_poison_step",
+  "data.eval_batches",
+)
+_NON_NEGATIVE = (
+  "model.moe_every",
+  "model.moe.num_shared_experts",
+  "optim.warmup_steps",
+  "optim.grad_clip",
+  "init.from_dense_noise",
+)
+_ONE_OF = (
+  ("model.activation", ACTIVATIONS),
+  ("model.dtype", DTYPES),
+  ("model.moe.dispatch", DISPATCHES),
+  ("model.moe.group_layout", GROUP_LAYOUTS),
+  ("train.nonfinite_policy", faults.POLICIES),
+  ("data.decode_errors", DECODE_POLICIES),
+)
+
+
 def validate(cfg, num_devices: int) -> dict[str, int]:
   """Checks every value a user can get wrong; returns the resolved mesh shape.
 
   Raises:
     ConfigError: one line naming the key, the value given and what would be valid.
   """
-  from moejax import input_checks  # local: it builds on this module
-  from moejax.model import routers  # local: routers are a model concern, the registry a list
-
-  known = sorted(_keys(default_config()))
-  unknown = sorted(set(_keys(cfg)) - set(known) - _rule_keys(cfg))
-  if unknown:
-    raise ConfigError(
-      f"unknown config keys {unknown}{input_checks.closest_keys(unknown, known)}; "
-      "see moejax/config_lib.py for valid keys"
-    )
-  missing = sorted(set(known) - set(_keys(cfg)))
-  if missing:
-    raise ConfigError(f"config is missing keys {missing}; start from config_lib.default_config()")
-  input_checks.check_types(cfg, default_config())
-  input_checks.check_config(cfg)
-
-  positive = [
-      "model.vocab_size", "model.num_layers", "model.d_model", "model.num_heads", "model.d_ff",
-      "model.moe.num_experts", "model.moe.top_k", "model.moe.group_size", "train.steps",
-      "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
-      "train.checkpoint_every", "train.keep_checkpoints", "data.eval_batches",
-  ]  # fmt: skip
-  for key in positive:
-    if _get(cfg, key) <= 0:
-      raise ConfigError(f"{key}={_get(cfg, key)}: must be a positive integer")
-  for key in ("model.head_dim", "model.moe.d_expert", "model.moe_every"):
+  for key in _POSITIVE:
+    value = _get(cfg, key)
+    if value is not None and value <= 0:
+      raise ConfigError(f"{key}={value}: must be a positive integer")
+  for key in _NON_NEGATIVE:
     if _get(cfg, key) < 0:
-      raise ConfigError(f"{key}={_get(cfg, key)}: must be >= 0 (0 = default)")
-  m, moe, t = cfg.model, cfg.model.moe, cfg.train
-  _one_of("model.activation", m.activation, ACTIVATIONS)
-  _one_of("model.dtype", m.dtype, DTYPES)
-  _one_of("model.moe.dispatch", moe.dispatch, DISPATCHES)
-  _one_of("model.moe.group_layout", moe.group_layout, GROUP_LAYOUTS)
-  _one_of("model.moe.router", moe.router, routers.ROUTERS)
-  if not m.head_dim and m.d_model % m.num_heads:
-    raise ConfigError(
-      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-      "change one or set model.head_dim"
-    )
-  if moe.top_k > moe.num_experts:
-    raise ConfigError(
-      f"model.moe.top_k={moe.top_k} > model.moe.num_experts={moe.num_experts}; "
-      f"use top_k in 1..{moe.num_experts}"
-    )
-  if moe.router == "base" and moe.group_size % moe.num_experts:
-    raise ConfigError(
-      f"model.moe.router='base' needs model.moe.group_size={moe.group_size} to be a multiple of "
-      f"model.moe.num_experts={moe.num_experts} (exactly S/E tokens per expert)"
-    )
-  if (cfg.init.from_dense and moe.router == "moex" and m.moe_every
-      and not cfg.init.from_dense_noise and not moe.moex_learned_mix):  # fmt: skip
-    # moex scores experts from their own weights only: exact copies tie, the tied experts are
-    # chosen together with equal gates, get equal gradients and stay copies for good.
-    raise ConfigError(
-      "init.from_dense with model.moe.router='moex' and init.from_dense_noise=0: the experts "
-      "start as exact copies that moex cannot tell apart, so they are chosen together and stay "
-      "copies; set init.from_dense_noise (e.g. 0.01) or model.moe.moex_learned_mix > 0"
-    )
-  options = routers.router_options(moe.router, moe)
-  causal = routers.get_router_class(moe.router).causal_in_sequence(moe.top_k, **options)
-  if not causal and moe.group_layout == "sequence" and not moe.allow_noncausal:
-    raise ConfigError(
-      f"model.moe.router={moe.router!r} (top_k={moe.top_k}) lets a token's output depend on "
-      "later tokens of its routing group, which leaks the future in a decoder; set "
-      "model.moe.group_layout='position' (causal) or model.moe.allow_noncausal=True"
-    )
-  if not causal and moe.group_layout == "sequence":
-    logging.warning(
-      "model.moe.allow_noncausal=True: router %r sees later tokens of its group; training "
-      "loss is optimistic and generation will differ from training",
-      moe.router,
-    )
+      raise ConfigError(f"{key}={_get(cfg, key)}: must be >= 0 (0 = off)")
+  for key, allowed in _ONE_OF:
+    if _get(cfg, key) not in allowed:
+      raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of: {', '.join(allowed)}")
   for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
     if _get(cfg, key) <= 0:
       raise ConfigError(f"{key}={_get(cfg, key)}: must be > 0 (Switch uses 1.25, eval 2.0)")
@@ -305,12 +232,39 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
     raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in (0, 1), e.g. 0.05")
   if cfg.optim.learning_rate <= 0:
     raise ConfigError(f"optim.learning_rate={cfg.optim.learning_rate}: must be > 0")
-  if cfg.optim.warmup_steps < 0 or cfg.optim.grad_clip < 0:
-    raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0 (0 = off)")
-  unknown_w = sorted(set(moe.aux_loss_weights) - set(routers.AUX_LOSSES))
-  if unknown_w:
+  m = cfg.model
+  if not m.head_dim and m.d_model % m.num_heads:
     raise ConfigError(
-      f"model.moe.aux_loss_weights has unknown losses {unknown_w}; known: {routers.AUX_LOSSES}"
+      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+      "change one or set model.head_dim"
+    )
+  if m.moe_every:
+    _validate_moe(cfg)
+  return _validate_mesh(cfg, num_devices)
+
+
+def _validate_moe(cfg) -> None:
+  moe, t = cfg.model.moe, cfg.train
+  if moe.top_k > moe.num_experts:
+    raise ConfigError(
+      f"model.moe.top_k={moe.top_k} > model.moe.num_experts={moe.num_experts}; "
+      f"use top_k in 1..{moe.num_experts}"
+    )
+  options = routers.options(moe)  # the family's own checks
+  router = routers.get(moe.router)
+  causal = router.causal_in_sequence(options, routers.settings(moe))
+  if not causal and moe.group_layout == "sequence":
+    if not moe.allow_noncausal:
+      raise ConfigError(
+        f"model.moe.router={moe.router!r} (top_k={moe.top_k}, dispatch={moe.dispatch!r}) lets a "
+        "token's output depend on later tokens of its routing group, which leaks the future in "
+        "a decoder; set model.moe.group_layout='position' (causal) or "
+        "model.moe.allow_noncausal=True"
+      )
+    logging.warning(
+      "model.moe.allow_noncausal=True: router %r sees later tokens of its group; training "
+      "loss is optimistic and generation will differ from training",
+      moe.router,
     )
   tokens = t.batch_size * t.seq_len
   if moe.group_layout == "position" and t.batch_size % moe.group_size:
@@ -324,25 +278,31 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f" = {tokens}; use a divisor such as {math.gcd(tokens, moe.group_size)} or {t.seq_len}"
     )
 
+
+def _validate_mesh(cfg, num_devices: int) -> dict[str, int]:
+  moe, t = cfg.model.moe, cfg.train
   rules = rules_from_config(cfg.mesh)
-  for name, axes in rules.items():
+  for name, axes in rules.table:
     bad = [a for a in axes if a not in sharding.MESH_AXES]
     if bad:
-      raise ConfigError(f"mesh.rules.{name}={cfg.mesh.rules[name]!r}: unknown mesh axes {bad}; "
-                        f"use a comma-separated subset of {sharding.MESH_AXES}")  # fmt: skip
+      raise ConfigError(
+        f"mesh.rules.{name}={cfg.mesh.rules[name]!r}: unknown mesh axes {bad}; "
+        f"use a comma-separated subset of {sharding.MESH_AXES}"
+      )
   shape = resolve_mesh_shape(cfg.mesh, num_devices)
-  if moe.num_experts % shape["expert"]:
+  if cfg.model.moe_every and moe.num_experts % shape["expert"]:
     raise ConfigError(
       f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert="
       f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
     )
   batch_shards = math.prod(shape[a] for a in rules["batch"])
   experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
-  if moe.dispatch == "all_to_all" and experts_split and (tokens // moe.group_size) % batch_shards:
+  groups = t.batch_size * t.seq_len // moe.group_size
+  if moe.dispatch == "all_to_all" and experts_split and groups % batch_shards:
     raise ConfigError(
-      f"model.moe.dispatch='all_to_all' needs the {tokens // moe.group_size} routing groups per "
-      f"batch to split evenly over the {batch_shards} devices of the batch axes {rules['batch']}"
-      f" of {shape}; use a smaller model.moe.group_size or a bigger train.batch_size"
+      f"model.moe.dispatch='all_to_all' needs the {groups} routing groups per batch to split "
+      f"evenly over the {batch_shards} devices of the batch axes {rules['batch']} of {shape}; "
+      "use a smaller model.moe.group_size or a bigger train.batch_size"
     )
   if t.batch_size % batch_shards:
     raise ConfigError(
@@ -352,11 +312,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   return shape
 
 
-def _rule_keys(cfg) -> set[str]:
-  # Users may add rules for new logical names; they are checked against mesh axes above.
-  return {f"mesh.rules.{k}" for k in cfg.mesh.rules}
-
-
-def _one_of(key, value, allowed):
-  if value not in allowed:
-    raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+def _get(cfg, key: str):
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg

@@ -14,7 +14,8 @@ Routing at decode time (the router's inference behaviour, `train=False`; docs/IN
   choice routers (switch / top_k, gshard_top2, noisy_top_k, deepseek) route per token anyway, so
   this is their evaluation routing minus capacity dropping (one token never overflows an
   expert). It equals a full forward pass whenever that pass drops nothing. BASE needs groups of
-  a multiple of E tokens and is refused (use the 'position' layout, as its recipe does).
+  a multiple of E tokens and is refused (use the 'position' layout, as its recipe does): a
+  router family says so through `decode_refusal`.
   Expert choice and Soft MoE are non-causal with this layout and would see a group of one token.
 - group_layout 'position': a group is the tokens at one position of `group_size` sequences, as
   in training, so the B rows must be a multiple of group_size; decoding position t routes
@@ -23,6 +24,8 @@ Routing at decode time (the router's inference behaviour, `train=False`; docs/IN
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,7 @@ def init_cache(model, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
   for block in model.blocks:
     _, heads, head_dim = block.attention.wk.shape
     zeros = jnp.zeros((batch, max_len, heads, head_dim), model.dtype)
-    zeros = sharding.constrain(zeros, _CACHE_AXES)
+    zeros = sharding.constrain(zeros, _CACHE_AXES, model.rules)
     caches.append({"k": zeros, "v": zeros})
   return caches
 
@@ -51,13 +54,13 @@ def prepare_for_decoding(model) -> None:
   router that cannot route groups of one token.
   """
   for block in model.blocks:
-    if isinstance(block.ffn, MoELayer) and block.ffn.group_layout == "sequence":
-      if type(block.ffn.router).__name__ == "BaseLayersRouter":
-        raise ValueError(
-          "generation with router 'base' needs model.moe.group_layout='position' (its groups "
-          "must hold a multiple of num_experts tokens; one new token per sequence does not)"
-        )
-      block.ffn.group_size = 1  # one new token is one routing group
+    if isinstance(block.ffn, MoELayer) and block.ffn.settings.group_layout == "sequence":
+      router = block.ffn.router
+      refusal = router.decode_refusal(router.options, block.ffn.settings)
+      if refusal:
+        raise ValueError(refusal)
+      # One new token is one routing group.
+      block.ffn.settings = dataclasses.replace(block.ffn.settings, group_size=1)
 
 
 def forward_with_cache(model, tokens_bl, cache, offset):
@@ -73,7 +76,7 @@ def forward_with_cache(model, tokens_bl, cache, offset):
     (logits float32 [B, L, V], new cache).
   """
   x = jnp.take(model.embed[...], tokens_bl, axis=0).astype(model.dtype)
-  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+  x = sharding.constrain(x, ("batch", "length", "act_embed"), model.rules)
   new_cache = []
   for block, layer_cache in zip(model.blocks, cache, strict=True):
     attn_out, layer_cache = block.attention.decode(block.attn_norm(x), layer_cache, offset)
@@ -84,9 +87,9 @@ def forward_with_cache(model, tokens_bl, cache, offset):
       y, _, _ = block.ffn(h, train=False, rng=None)
     else:
       y = block.ffn(h)
-    x = sharding.constrain(x + y, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x + y, ("batch", "length", "act_embed"), model.rules)
   x = model.final_norm(x)
   logits = jnp.einsum(
     "bld,dv->blv", x, model.unembed[...].astype(x.dtype), preferred_element_type=jnp.float32
   )
-  return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
+  return sharding.constrain(logits, ("batch", "length", "act_vocab"), model.rules), new_cache

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import jax
 
-from moejax.config_lib import ConfigError
+from moejax.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -75,12 +75,11 @@ def plan(dist_cfg, environ: Mapping[str, str] | None = None, on_tpu: bool | None
   """
   environ = os.environ if environ is None else environ
   timeouts = _timeouts(dist_cfg)
-  address = dist_cfg.coordinator_address
-  count, index = int(dist_cfg.num_processes), int(dist_cfg.process_id)
+  address, count, index = dist_cfg.coordinator_address, dist_cfg.num_processes, dist_cfg.process_id
   given = {
     "distributed.coordinator_address": bool(address),
-    "distributed.num_processes": count > 0,
-    "distributed.process_id": index >= 0,
+    "distributed.num_processes": count is not None,
+    "distributed.process_id": index is not None,
   }
   if any(given.values()):
     missing = [k for k, v in given.items() if not v]
@@ -93,7 +92,7 @@ def plan(dist_cfg, environ: Mapping[str, str] | None = None, on_tpu: bool | None
       raise ConfigError(
         f"distributed.coordinator_address={address!r} needs a port, e.g. '10.0.0.2:1234'"
       )
-    if index >= count:
+    if count < 1 or not 0 <= index < count:
       raise ConfigError(
         f"distributed.process_id={index} must be in 0..{count - 1} "
         f"(distributed.num_processes={count})"

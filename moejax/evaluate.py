@@ -25,48 +25,35 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
-from moejax import config_lib, restore, sharding, train_step
-from moejax.data import chess as chess_data
+from moejax import cli, errors, restore, train_step
 from moejax.data import pipeline, sources
 
 
 def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
-  """Global host batches {inputs, targets: int32[B, L]}: the validation split or `data` files."""
+  """Global host batches {inputs, targets: int32[B, L]}: the validation split or `data` files.
+
+  The validation split is rebuilt exactly as training built it, from the run's `data` section
+  (source, field, decode policy, validation fraction).
+  """
   t = cfg.train
   if data is None:
     dataset = pipeline.build_dataset(
-        source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
-        seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
-    )  # fmt: skip
+      cfg.data, workdir=workdir, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len
+    )
     blocks, default_batches = dataset.val_blocks, cfg.data.eval_batches
   else:
-    documents = sources.load_documents(data, jsonl_field=cfg.data.jsonl_field)
-    if cfg.data.source.startswith(chess_data.PREFIX):
-      tokens = pipeline.chess_documents_to_tokens(documents)
-    else:
-      tokenizer = pipeline.run_tokenizer(cfg.data.source, workdir)
-      tokens = pipeline.tokenize_documents(documents, tokenizer)
+    documents = sources.load_documents(
+      data, jsonl_field=cfg.data.jsonl_field, decode_errors=cfg.data.decode_errors
+    )
+    tokenizer = pipeline.run_tokenizer(cfg.data.source, workdir)
+    tokens = pipeline.encode_documents(cfg.data.source, documents, tokenizer)
     blocks = pipeline.pack_blocks(tokens, t.seq_len)
     default_batches = max(1, len(blocks) // t.batch_size)
   return pipeline.eval_batches(
     blocks, global_batch=t.batch_size, num_batches=num_batches or default_batches
   )
-
-
-def make_eval_step(graphdef):
-  """`(params, model_state, batch) -> (summed NLL, token count, metrics)`, pure."""
-
-  def step(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state)
-    logits, aux = model(batch["inputs"], train=False)
-    count = batch["targets"].size
-    nll = train_step.cross_entropy(logits, batch["targets"]) * count
-    return nll, jnp.asarray(count, jnp.float32), aux["metrics"]
-
-  return step
 
 
 def evaluate(model: restore.RestoredModel, batches) -> dict:
@@ -77,9 +64,9 @@ def evaluate(model: restore.RestoredModel, batches) -> dict:
     "dropped_fraction": float, "router_entropy": float, ...}}}.
   """
   mesh, rules = model.mesh, model.rules
-  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
-  with sharding.activate(mesh, rules):
-    step = jax.jit(make_eval_step(model.graphdef))
+  batch_sharding = NamedSharding(mesh, rules.spec(("batch", "length")))
+  with jax.set_mesh(mesh):
+    step = jax.jit(train_step.make_eval_step(model.graphdef))
     nll, count, sums = 0.0, 0.0, None
     for batch in batches:
       batch = {k: jax.device_put(np.asarray(v, np.int32), batch_sharding) for k, v in batch.items()}
@@ -132,7 +119,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--json", default=None, help="write the results as JSON here ('-' stdout)")
   args = parser.parse_args(argv)
   if args.batches is not None and args.batches < 1:
-    raise config_lib.ConfigError(f"--batches={args.batches}: must be >= 1")
+    raise errors.ConfigError(f"--batches={args.batches}: must be >= 1")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
   batches = load_batches(cfg, args.workdir, args.data, args.batches)
@@ -151,4 +138,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  restore.run_cli(main)
+  cli.run(main)

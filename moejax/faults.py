@@ -55,12 +55,12 @@ def keep_if_finite(ok: jax.Array, new_state, old_state):
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
 
 
-def poison(value: jax.Array, step: jax.Array, poison_step: int) -> jax.Array:
+def poison(value: jax.Array, step: jax.Array, poison_step: int | None) -> jax.Array:
   """Test hook (train.debug_poison_step): `value` times NaN at 1-based step `poison_step`.
 
-  A product (not a select) so that the gradients of that step are NaN too.
+  A product (not a select) so that the gradients of that step are NaN too. None: no poison.
   """
-  if poison_step <= 0:
+  if poison_step is None:
     return value
   return value * jnp.where(step + 1 == poison_step, jnp.nan, 1.0)
 

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from moejax import config_lib, decode, restore, sharding
+from moejax import cli, config_lib, decode, errors, restore, sharding
 from moejax.data import pipeline
 
 
@@ -64,8 +64,15 @@ def sample(logits_bv, key, *, temperature: float, top_k: int, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_generate_fn(graphdef, *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, return_logits: bool = False):  # fmt: skip
+def make_generate_fn(
+  graphdef,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  return_logits: bool = False,
+):
   """`fn(params, model_state, prompt_bp, key) -> new tokens int32 [B, N] (, logits [B, N, V])`.
 
   Pure; wrap in jax.jit. logits[:, i] are the logits the i-th new token was sampled from.
@@ -101,32 +108,40 @@ def make_generate_fn(graphdef, *, max_new_tokens: int, temperature: float = 0.0,
 def num_rows(cfg, mesh, num_samples: int) -> int:
   """Batch rows: num_samples rounded up to a multiple of the batch shards (and group_size)."""
   rules = config_lib.rules_from_config(cfg.mesh)
-  unit = math.prod(mesh.shape[a] for a in rules["batch"])
+  unit = sharding.axes_size(mesh, rules["batch"])
   if cfg.model.moe_every and cfg.model.moe.group_layout == "position":
     unit = math.lcm(unit, cfg.model.moe.group_size)
   return unit * math.ceil(num_samples / unit)
 
 
-def generate(model: restore.RestoredModel, prompt_bp: np.ndarray, *, max_new_tokens: int,
-             seed: int = 0, return_logits: bool = False, **sampling):  # fmt: skip
-  """Runs the jitted sampler on the model's mesh; returns host arrays (see make_generate_fn)."""
-  mesh, rules = model.mesh, model.rules
-  rows = sharding.logical_to_spec(("batch", "length"), rules)
-  prompt = jax.device_put(np.asarray(prompt_bp, np.int32), NamedSharding(mesh, rows))
+def generate(
+  model: restore.RestoredModel,
+  prompt_bp: np.ndarray,
+  *,
+  max_new_tokens: int,
+  seed: int = 0,
+  return_logits: bool = False,
+  **sampling,
+):
+  """Runs the jitted sampler on the model's mesh; returns host arrays (see make_generate_fn).
+
+  The rules are part of the model's graph definition and the mesh is JAX's context, so the
+  cached sampler retraces for another mesh or rules by itself.
+  """
+  prompt = jax.device_put(
+    np.asarray(prompt_bp, np.int32),
+    NamedSharding(model.mesh, model.rules.spec(("batch", "length"))),
+  )
   settings = dict(max_new_tokens=max_new_tokens, return_logits=return_logits, **sampling)
-  fn = _jitted(model.graphdef, mesh, tuple(sorted(rules.items())), tuple(sorted(settings.items())))
-  with sharding.activate(mesh, rules):
+  fn = _jitted(model.graphdef, tuple(sorted(settings.items())))
+  with jax.set_mesh(model.mesh):
     out = fn(model.params, model.model_state, prompt, jax.random.key(seed))
   return jax.device_get(out)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(graphdef, mesh, rules, settings):
-  """One jitted sampler per (model, mesh, rules, settings): repeated calls skip compilation.
-
-  The mesh and rules are part of the key because the trace bakes in the sharding constraints.
-  """
-  del mesh, rules
+def _jitted(graphdef, settings):
+  """One jitted sampler per (model, settings): repeated calls skip building it again."""
   return jax.jit(make_generate_fn(graphdef, **dict(settings)))
 
 
@@ -153,20 +168,25 @@ def main(argv=None) -> list[str]:
     ("num_samples", args.num_samples >= 1, ">= 1"),
   ]:
     if not ok:
-      raise config_lib.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
+      raise errors.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
   tokenizer = pipeline.run_tokenizer(cfg.data.source, args.workdir)
   ids = tokenizer.encode(args.prompt)
   if not ids:
-    raise config_lib.ConfigError("--prompt encodes to no token; give some text")
+    raise errors.ConfigError("--prompt encodes to no token; give some text")
   model = restore.restore_model(args.workdir, cfg, mesh, rules, step=args.step)
   rows = num_rows(cfg, mesh, args.num_samples)
   prompt = np.tile(np.asarray(ids, np.int32)[None], (rows, 1))
   tokens = generate(
-      model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
-      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-  )  # fmt: skip
+    model,
+    prompt,
+    max_new_tokens=args.max_new_tokens,
+    seed=args.seed,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+  )
   texts = []
   for row in tokens:
     row = list(row)
@@ -180,4 +200,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-  restore.run_cli(main)
+  cli.run(main)

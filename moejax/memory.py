@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 
-from moejax.config_lib import rules_from_config
+from moejax import errors, sharding
 
 
 def device_memory_bytes(device) -> tuple[int, str]:
@@ -36,13 +36,16 @@ def _meminfo_bytes(field: str) -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def estimate_memory_bytes(params, cfg, mesh_shape: dict[str, int]) -> dict[str, float]:
+def estimate_memory_bytes(
+  params, cfg, mesh_shape: dict[str, int], rules: sharding.Rules
+) -> dict[str, float]:
   """Bytes per device for one training step, before anything is compiled.
 
   Args:
     params: pytree of `jax.ShapeDtypeStruct` carrying `NamedSharding`s (the abstract parameters).
     cfg: the validated config.
     mesh_shape: resolved mesh axis sizes.
+    rules: the sharding rules (which mesh axes split the batch).
 
   Returns:
     dict with `params`, `optimizer` (AdamW: two float32 moments, sharded like the parameters),
@@ -64,7 +67,6 @@ def estimate_memory_bytes(params, cfg, mesh_shape: dict[str, int]) -> dict[str, 
 
   param_bytes = sum(per_device(x) for x in jax.tree.leaves(params))
   m, moe, t = cfg.model, cfg.model.moe, cfg.train
-  rules = rules_from_config(cfg.mesh)
   batch_shards = math.prod(mesh_shape[a] for a in rules["batch"])
   tokens = t.batch_size * t.seq_len / batch_shards
   d, f, v, e = m.d_model, m.d_ff, m.vocab_size, moe.num_experts
@@ -99,7 +101,7 @@ def check_memory(estimate: dict[str, float], limit_bytes: float, source: str, me
     return
   gib = lambda b: f"{b / 2**30:.1f} GiB"
   parts = ", ".join(f"{k} {gib(v)}" for k, v in estimate.items() if k != "total")
-  raise MemoryError(
+  raise errors.InsufficientMemoryError(
     f"memory pre-flight: this config needs ~{gib(estimate['total'])} per device ({parts}) but "
     f"a device has {gib(limit_bytes)} ({source}) on mesh {mesh_shape}; use a smaller preset "
     "(e.g. `--config configs/switch_base.py:tiny`), a smaller train.batch_size, or a bigger mesh "

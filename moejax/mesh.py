@@ -18,7 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from moejax import sharding
-from moejax.config_lib import ConfigError
+from moejax.errors import ConfigError
 
 
 def make_mesh(shape: dict[str, int], devices=None, dcn=None) -> Mesh:

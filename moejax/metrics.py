@@ -9,10 +9,12 @@ process (process 0) logs.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
+from absl import logging
+
+from moejax import paths
 
 
 def to_python(metrics: dict) -> dict:
@@ -25,22 +27,40 @@ def to_python(metrics: dict) -> dict:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  """Appends to WORKDIR/metrics.jsonl (any epath workdir) and writes TensorBoard events.
+
+  TensorBoard events are written for local workdirs only (tensorboardX writes local files); a
+  bucket workdir logs one warning saying so and keeps metrics.jsonl.
+  """
+
+  def __init__(self, workdir, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    directory = paths.resolve(workdir)
+    self.path = directory / "metrics.jsonl"
+    # Buckets cannot append: their file is rewritten whole from the lines kept here.
+    self._lines = None
+    if enabled and paths.is_url(directory):
+      self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
     self._tb = None
-    if enabled and tensorboard:
+    if enabled and tensorboard and paths.is_url(directory):
+      logging.warning("TensorBoard events are not written to %s (local folders only)", directory)
+    elif enabled and tensorboard:
       from tensorboardX import SummaryWriter  # lazy: heavy import, not needed by tests
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(str(directory / "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> dict:
     """Writes one line {step, time, **metrics}; returns the python-valued metrics."""
     values = to_python(metrics)
     if not self.enabled:
       return values
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "time": time.time(), **values}) + "\n")
+    line = json.dumps({"step": int(step), "time": time.time(), **values}) + "\n"
+    if self._lines is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      paths.write_atomically(self.path, "".join(self._lines))
     if self._tb is not None:
       for name, value in values.items():
         if isinstance(value, list):
@@ -74,17 +94,21 @@ def add_expert_histogram(tb, tag: str, load_e: np.ndarray, step: int) -> None:
   load_e = np.asarray(load_e, np.float64).reshape(-1)
   centre = np.arange(load_e.size) + 0.5
   tb.add_histogram_raw(
-      tag, min=0.0, max=float(load_e.size), num=float(load_e.sum()),
-      sum=float(centre @ load_e), sum_squares=float((centre**2) @ load_e),
-      bucket_limits=(np.arange(load_e.size) + 1.0).tolist(), bucket_counts=load_e.tolist(),
-      global_step=step,
-  )  # fmt: skip
+    tag,
+    min=0.0,
+    max=float(load_e.size),
+    num=float(load_e.sum()),
+    sum=float(centre @ load_e),
+    sum_squares=float((centre**2) @ load_e),
+    bucket_limits=(np.arange(load_e.size) + 1.0).tolist(),
+    bucket_counts=load_e.tolist(),
+    global_step=step,
+  )
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
   """All logged lines of WORKDIR/metrics.jsonl."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

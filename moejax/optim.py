@@ -23,9 +23,13 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   o = optim_cfg
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.adamw(
-      learning_rate_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-      weight_decay=o.weight_decay, mask=decay_mask,
-  )  # fmt: skip
+    learning_rate_schedule(o, total_steps),
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    weight_decay=o.weight_decay,
+    mask=decay_mask,
+  )
   if o.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
   return adamw

@@ -102,8 +102,10 @@ def plot_expert_load(name: str, lines: list[dict], path: str) -> str | None:
     image = ax.imshow(load_te.T, aspect="auto", interpolation="nearest", vmin=0.0, extent=extent)
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
     ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-    ax.set(ylabel="expert", title=f"{name}: layer {layer} expert load (uniform = "
-           f"{1 / load_te.shape[1]:.3f})")  # fmt: skip
+    ax.set(
+      ylabel="expert",
+      title=f"{name}: layer {layer} expert load (uniform = {1 / load_te.shape[1]:.3f})",
+    )
     fig.colorbar(image, ax=ax, label="fraction")
   axes[-1, 0].set_xlabel("step")
   return _save(fig, path)
@@ -116,8 +118,13 @@ def plot_routing(runs: dict, path: str) -> str | None:
   for ax, metric in zip(axes, ("dropped_fraction", "router_entropy"), strict=True):
     for i, (name, lines) in enumerate(runs.items()):
       for j, (layer, (steps, values)) in enumerate(sorted(layer_series(lines, metric).items())):
-        ax.plot(steps, values, _STYLES[j % len(_STYLES)], color=f"C{i % 10}",
-                label=f"{name} layer {layer}")  # fmt: skip
+        ax.plot(
+          steps,
+          values,
+          _STYLES[j % len(_STYLES)],
+          color=f"C{i % 10}",
+          label=f"{name} layer {layer}",
+        )
         drawn = True
     ax.set(xlabel="step", title=metric.replace("_", " "))
     ax.grid(alpha=0.3)

@@ -8,71 +8,80 @@ Shared by `evaluate`, `generate` and `upcycle`. Design choices:
 - The arrays are restored straight onto the target mesh's shardings (from the logical-axis rules),
   so a checkpoint written on one mesh is used on any other, e.g. 8 devices -> 1.
 - User errors (no checkpoint, unknown step, a mesh that does not fit) raise
-  `config_lib.ConfigError` with one line; `run_cli` turns them into "moejax: error: ..." exit 2.
+  `errors.ConfigError` with one line; `moejax.cli.run` turns them into "moejax: error: ..."
+  exit 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import config_lib, sharding
+from moejax import config_lib, errors, paths, sharding
 from moejax import mesh as mesh_lib
 from moejax.model.transformer import Transformer
 
 RUN_CONFIG = "config.json"  # written by moejax.train (checkpoint.write_config)
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with (defaults fill keys it does not have)."""
-  path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(
-      f"no {RUN_CONFIG} in {workdir!r}: pass the --workdir of a moejax.train run (runs write "
-      "their config there when they start)"
+def load_run_config(workdir) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with.
+
+  The run's `extensions` are imported first (they may register its router or data source);
+  a key this version of moejax does not know is refused in one line.
+  """
+  path = paths.resolve(workdir) / RUN_CONFIG
+  if not path.exists():
+    raise errors.ConfigError(
+      f"no {RUN_CONFIG} in {str(workdir)!r}: pass the --workdir of a moejax.train run (runs "
+      "write their config there when they start)"
     )
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
+  config_lib.import_extensions(saved.get("extensions", ""))
   cfg = config_lib.default_config()
-  _merge(cfg, saved)
+  try:
+    _merge(cfg, saved)
+  except (AttributeError, KeyError, TypeError) as e:
+    raise errors.ConfigError(
+      f"{path} does not fit this version of moejax ({str(e).splitlines()[0]}); it was written "
+      "by another version: retrain, or convert the config by hand"
+    ) from None
   return cfg
 
 
 def _merge(cfg, values: dict) -> None:
   for key, value in values.items():
-    if isinstance(value, dict) and key in cfg and isinstance(cfg[key], ml_collections.ConfigDict):
+    if isinstance(value, dict):
       _merge(cfg[key], value)
     else:
       cfg[key] = value
 
 
-def checkpoint_location(path: str) -> tuple[str, int | None]:
+def checkpoint_location(path) -> tuple[epath.Path, int | None]:
   """(checkpoints directory, step or None = latest) for a workdir, its checkpoints/ or a step."""
-  path = os.path.abspath(path)
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
-    return os.path.dirname(path), int(base)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  if os.path.basename(path) == "checkpoints" and os.path.isdir(path):
+  path = paths.resolve(path)
+  if path.name.isdigit() and path.is_dir():
+    return path.parent, int(path.name)
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  if path.name == "checkpoints" and path.is_dir():
     return path, None
-  raise config_lib.ConfigError(
-    f"no checkpoints at {path!r}: give a run's workdir, WORKDIR/checkpoints or "
+  raise errors.ConfigError(
+    f"no checkpoints at {str(path)!r}: give a run's workdir, WORKDIR/checkpoints or "
     "WORKDIR/checkpoints/<step>"
   )
 
 
-def open_checkpoints(directory: str) -> ocp.CheckpointManager:
+def open_checkpoints(directory) -> ocp.CheckpointManager:
   """A read-only manager whose `state` item can be partially restored and inspected."""
   return ocp.CheckpointManager(
     directory,
@@ -84,15 +93,15 @@ def open_checkpoints(directory: str) -> ocp.CheckpointManager:
 def pick_step(manager: ocp.CheckpointManager, step: int | None, directory: str) -> int:
   steps = sorted(manager.all_steps())
   if not steps:
-    raise config_lib.ConfigError(f"no finished checkpoint in {directory!r}; train first")
+    raise errors.ConfigError(f"no finished checkpoint in {str(directory)!r}; train first")
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise config_lib.ConfigError(f"step {step} is not in {directory!r}; saved steps: {steps}")
+    raise errors.ConfigError(f"step {step} is not in {str(directory)!r}; saved steps: {steps}")
   return step
 
 
-def saved_param_shapes(path: str, step: int | None = None) -> tuple[dict[str, tuple], int]:
+def saved_param_shapes(path, step: int | None = None) -> tuple[dict[str, tuple], int]:
   """{'blocks.1.ffn.w_in': shape, ...} of the parameters saved at `path` (no array is read)."""
   directory, loc_step = checkpoint_location(path)
   manager = open_checkpoints(directory)
@@ -114,9 +123,9 @@ def flatten(tree, prefix: str = "") -> dict:
   return out
 
 
-def abstract_model(model_cfg, seed: int = 0):
-  """(graphdef, params, rest) of the model, abstract (`nnx.eval_shape`), as pure dicts."""
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+def abstract_model(model_cfg, seed: int = 0, rules: sharding.Rules | None = None):
+  """(graphdef, params, rest) of the model, abstract (`nnx.eval_shape`)."""
+  model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed), rules=rules))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest
 
@@ -134,7 +143,7 @@ def make_inference_mesh(cfg, devices=None, mesh_overrides: dict | None = None):
   else:
     try:
       config_lib.resolve_mesh_shape(cfg.mesh, len(devices))
-    except config_lib.ConfigError:
+    except errors.ConfigError:
       for axis in sharding.MESH_AXES:
         cfg.mesh[axis] = -1 if axis == "data" else 1
   shape = config_lib.validate(cfg, len(devices))
@@ -147,7 +156,7 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in filter(None, text.split(",")):
     axis, _, size = part.partition("=")
     if axis not in sharding.MESH_AXES or not size.lstrip("-").isdigit():
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
         f"--mesh {text!r}: expected comma-separated axis=size with axes {sharding.MESH_AXES}"
       )
     out[axis] = int(size)
@@ -164,7 +173,7 @@ class RestoredModel:
   step: int
   cfg: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  rules: dict
+  rules: sharding.Rules
 
 
 def restore_model(path: str, cfg, mesh, rules, step: int | None = None) -> RestoredModel:
@@ -178,7 +187,7 @@ def restore_model(path: str, cfg, mesh, rules, step: int | None = None) -> Resto
   directory, loc_step = checkpoint_location(path)
   manager = open_checkpoints(directory)
   step = pick_step(manager, step if step is not None else loc_step, directory)
-  graphdef, abs_params, abs_rest = abstract_model(cfg.model, cfg.train.seed)
+  graphdef, abs_params, abs_rest = abstract_model(cfg.model, cfg.train.seed, rules)
   to_target = lambda state: jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     nnx.to_pure_dict(state),
@@ -208,20 +217,3 @@ def restore_model(path: str, cfg, mesh, rules, step: int | None = None) -> Resto
     mesh=mesh,
     rules=rules,
   )
-
-
-def run_cli(main, argv=None) -> None:
-  """Runs `main(argv)`; user errors print one line "moejax: error: ..." and exit 2.
-
-  MOEJAX_TRACEBACK=1 shows the stack instead.
-  """
-  from absl import logging
-
-  logging.set_verbosity(logging.ERROR)  # Orbax warns about every read-only checkpoint manager
-  try:
-    main(argv)
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
-    if os.environ.get("MOEJAX_TRACEBACK"):
-      raise
-    print(f"moejax: error: {e}", file=sys.stderr)
-    sys.exit(2)

@@ -1,8 +1,15 @@
 """Logical axis names -> mesh axes: the only module that names mesh axes.
 
-Model code annotates parameters (via the `axes` metadata of `nnx.Param`) and activations (via
-`constrain`) with logical names; one rules table maps each logical name to zero, one or several
-mesh axes. Swapping a parallelism strategy = swapping the table (`mesh.rules` in the config).
+Model code annotates parameters (the `axes` metadata of `nnx.Param`) and activations
+(`constrain(x, names, rules)`) with logical names; a `Rules` table maps each logical name to zero,
+one or several mesh axes. Swapping a parallelism strategy = swapping the table (`mesh.rules` in
+the config).
+
+What decides the traced program is visible to `jax.jit`: the rules are a static part of the model
+(modules hold them, so they are in the graph definition the step closes over) and the mesh is
+JAX's own context (`jax.set_mesh(mesh)`, part of every jit cache key). A model built with
+`rules=None` has no sharding constraints (one device, unit tests); a model built with rules must
+be traced inside `jax.set_mesh`, or `constrain` raises.
 
 Parameter names:  embed, mlp, heads, kv, vocab, expert, expert_embed, expert_mlp
 Activation names: batch, length, act_embed, act_mlp, act_heads, act_vocab,
@@ -11,9 +18,8 @@ Activation names: batch, length, act_embed, act_mlp, act_heads, act_vocab,
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -24,8 +30,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical name -> mesh axes. Batch-like activations are split over every axis that does not
 # shard them otherwise (so expert-parallel devices do not duplicate attention work); inside the
-# MoE layer the routing groups stay on data/fsdp and experts move to 'expert' (GSPMD inserts the
-# all-to-all).
+# MoE layer the routing groups stay on data/fsdp and experts move to 'expert'.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
   # parameters
   "embed": ("fsdp",),
@@ -50,32 +55,49 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 
 LOGICAL_AXES = tuple(DEFAULT_RULES)
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, tuple[str, ...]]] | None] = (
-  contextvars.ContextVar("moejax_sharding", default=None)
-)
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+  """An immutable, hashable logical-name -> mesh-axes table.
+
+  Attributes:
+    table: ((logical name, (mesh axis, ...)), ...).
+  """
+
+  table: tuple[tuple[str, tuple[str, ...]], ...]
+
+  @classmethod
+  def of(cls, mapping: Mapping[str, Sequence[str]]) -> Rules:
+    return cls(tuple((name, tuple(axes)) for name, axes in mapping.items()))
+
+  def __getitem__(self, name: str) -> tuple[str, ...]:
+    for key, axes in self.table:
+      if key == name:
+        return axes
+    raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(k for k, _ in self.table)}")
+
+  def as_dict(self) -> dict[str, tuple[str, ...]]:
+    return dict(self.table)
+
+  def spec(self, names: Sequence[str | None]) -> P:
+    """A PartitionSpec for the logical names; a mesh axis is used at most once per spec."""
+    used: set[str] = set()
+    parts = []
+    for name in names:
+      if name is None:
+        parts.append(None)
+        continue
+      axes = tuple(a for a in self[name] if a not in used)
+      used.update(axes)
+      parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*parts)
 
 
-def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, tuple[str, ...]]) -> P:
-  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per spec."""
-  used: set[str] = set()
-  parts = []
-  for name in names:
-    if name is None:
-      parts.append(None)
-      continue
-    if name not in rules:
-      raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
-    axes = tuple(a for a in rules[name] if a not in used)
-    used.update(axes)
-    parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
-  return P(*parts)
+DEFAULT = Rules.of(DEFAULT_RULES)
 
 
-def mesh_axis_product(
-  names: Sequence[str | None], mesh_shape: Mapping[str, int], rules: Mapping[str, tuple[str, ...]]
-) -> list[int]:
-  """Number of shards along each array dimension for the given logical names."""
-  spec = logical_to_spec(names, rules)
+def axis_sizes(spec: P, mesh_shape: Mapping[str, int]) -> list[int]:
+  """Number of shards along each array dimension of a PartitionSpec."""
   out = []
   for part in spec:
     axes = () if part is None else (part if isinstance(part, tuple) else (part,))
@@ -92,47 +114,38 @@ def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
   return tuple(axes) if axes is not None else (None,) * len(variable.shape)
 
 
-def state_shardings(state, mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
+def state_shardings(state, mesh: Mesh, rules: Rules):
   """NamedSharding for every variable of an (abstract) nnx.State, from its logical axes."""
   return jax.tree.map(
-    lambda v: NamedSharding(mesh, logical_to_spec(param_axes(v), rules)),
+    lambda v: NamedSharding(mesh, rules.spec(param_axes(v))),
     state,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
 
 
-@contextlib.contextmanager
-def activate(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
-  """Within this context (and jit traces started in it), `constrain` shards activations."""
-  token = _ACTIVE.set((mesh, dict(rules)))
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def active() -> tuple[Mesh, Mapping[str, tuple[str, ...]]] | None:
-  """(mesh, rules) of the enclosing `activate` context, or None: for ops that map over devices
-  (shard_map), which find their mesh axes through the rules, e.g. rules["expert"]."""
-  return _ACTIVE.get()
-
-
-def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
-  """Number of devices along the given mesh axes."""
+def axes_size(mesh, axes: Sequence[str]) -> int:
+  """Number of devices along the given mesh axes (a Mesh or an AbstractMesh)."""
   n = 1
   for a in axes:
     n *= mesh.shape[a]
   return n
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op outside `activate` (e.g. unit tests)."""
-  active = _ACTIVE.get()
-  if active is None:
-    return x
-  mesh, rules = active
-  if len(names) != x.ndim:
+def context_mesh():
+  """The mesh of the enclosing `jax.set_mesh` (an AbstractMesh while tracing)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     raise ValueError(
-      f"constrain: {len(names)} names {tuple(names)} for an array of shape {x.shape}"
+      "a model built with sharding rules runs inside `with jax.set_mesh(mesh):` (no mesh is set)"
     )
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+  return mesh
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None) -> jax.Array:
+  """with_sharding_constraint by logical names on the context mesh; nothing when rules is None."""
+  if rules is None:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of {x.shape}")
+  context_mesh()
+  return jax.lax.with_sharding_constraint(x, rules.spec(names))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 
@@ -26,12 +25,14 @@ from ml_collections import config_flags
 
 from moejax import (
   checkpoint,
+  cli,
   config_lib,
   distributed,
+  errors,
   faults,
-  input_checks,
   memory,
   optim,
+  paths,
   sharding,
   train_step,
 )
@@ -39,6 +40,7 @@ from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax import upcycle as upcycle_lib
 from moejax.data import pipeline
+from moejax.model import routers
 from moejax.model.transformer import Transformer
 
 
@@ -55,11 +57,12 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   """
   # ---------------------------------------------------------------- Config
   devices = jax.devices() if devices is None else list(devices)
+  config_lib.import_extensions(cfg.extensions)
   mesh_shape = config_lib.validate(cfg, len(devices))
   rules = config_lib.rules_from_config(cfg.mesh)
   t = cfg.train
-  input_checks.check_tokenizer_vocab(cfg)
-  input_checks.check_workdir(workdir)
+  pipeline.check_source(cfg.data.source, vocab_size=cfg.model.vocab_size)
+  workdir = paths.workdir(workdir)
   is_writer = jax.process_index() == 0
 
   # ---------------------------------------------------------------- Mesh
@@ -68,7 +71,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
   # ---------------------------------------------------------------- Model + optimizer (abstract)
-  abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(t.seed)))
+  make_model = lambda: Transformer(cfg.model, rngs=nnx.Rngs(t.seed), rules=rules)
+  abstract_model = nnx.eval_shape(make_model)
   graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
   rest_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_rest, mesh, rules))
@@ -76,8 +80,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
 
   def init_state():
-    model = Transformer(cfg.model, rngs=nnx.Rngs(t.seed))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(make_model(), nnx.Param, ...)
     return train_step.new_train_state(
       nnx.to_pure_dict(params), nnx.to_pure_dict(rest), optimizer, t.seed
     )
@@ -88,8 +91,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   num_params = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
 
   # ---------------------------------------------------------------- Memory pre-flight
-  estimate = memory.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape)
-  if t.memory_limit_gib > 0:
+  estimate = memory.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape, rules)
+  if t.memory_limit_gib is not None:
     limit, source = t.memory_limit_gib * 2**30, "train.memory_limit_gib"
   else:
     limit, source = memory.device_memory_bytes(devices[0])
@@ -111,16 +114,14 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
 
   # ---------------------------------------------------------------- Data
   build = lambda: pipeline.build_dataset(
-      source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
-      seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
-      decode_errors=cfg.data.decode_errors,
-  )  # fmt: skip
+    cfg.data, workdir=str(workdir), vocab_size=cfg.model.vocab_size, seq_len=t.seq_len
+  )
   data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = pipeline.train_iterator(
     data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
   )
-  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
+  batch_sharding = NamedSharding(mesh, rules.spec(("batch", "length")))
   to_global = lambda batch: {
     k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v, np.int32))
     for k, v in batch.items()
@@ -132,13 +133,13 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     )
   ]
 
-  with sharding.activate(mesh, rules):
+  with jax.set_mesh(mesh):
     # -------------------------------------------------------------- Step
     step_fn = jax.jit(
       train_step.make_train_step(
         graphdef,
         optimizer,
-        dict(cfg.model.moe.aux_loss_weights),
+        routers.loss_weights(cfg.model.moe),
         schedule,
         nonfinite_policy=t.nonfinite_policy,
         poison_step=t.debug_poison_step,
@@ -147,8 +148,10 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
       out_shardings=(state_shardings, None),
       donate_argnums=0,
     )
+    eval_step = train_step.make_eval_step(graphdef)
     eval_fn = jax.jit(
-      train_step.make_eval_step(graphdef), in_shardings=(state_shardings, batch_sharding)
+      lambda state, batch: eval_step(state["params"], state["model_state"], batch)[:2],
+      in_shardings=(state_shardings, batch_sharding),
     )
 
     # -------------------------------------------------------------- Init or restore
@@ -198,9 +201,11 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
           last_eval = _evaluate(eval_fn, state, eval_batches)
           writer.write(done, {**last_eval, "unigram_perplexity": baseline})
           if bar is not None:
-            bar.write(f"step {done}: eval_loss {last_eval['eval_loss']:.4f} "
-                      f"eval_perplexity {last_eval['eval_perplexity']:.2f} "
-                      f"(unigram baseline {baseline:.2f})")  # fmt: skip
+            bar.write(
+              f"step {done}: eval_loss {last_eval['eval_loss']:.4f} "
+              f"eval_perplexity {last_eval['eval_perplexity']:.2f} "
+              f"(unigram baseline {baseline:.2f})"
+            )
         if done % t.checkpoint_every == 0 or done == end:
           monitor.check()  # under 'halt', never save a poisoned state
           ckpt.save(done, state, train_iter.get_state())
@@ -276,18 +281,13 @@ def main(argv):
   cfg = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
-  try:
-    distributed.initialize(cfg.distributed)  # before anything touches the devices
-    summary = run(cfg, _WORKDIR.value)
-  except (MemoryError, OSError, ValueError, faults.NonFiniteError) as e:
-    # User errors (config, data, paths, memory) are one line; MOEJAX_TRACEBACK=1 shows the stack.
-    if os.environ.get("MOEJAX_TRACEBACK"):
-      raise
-    print(f"moejax: error: {e}", file=sys.stderr)
-    sys.exit(3 if isinstance(e, faults.NonFiniteError) else 2)
+  distributed.initialize(cfg.distributed)  # before anything touches the devices
+  summary = run(cfg, _WORKDIR.value)
   if summary["stopped_by"]:
-    print(f"moejax: stopped by {summary['stopped_by']} at step {summary['last_step']}; "
-          f"checkpoint saved, rerun the same command to resume")  # fmt: skip
+    print(
+      f"moejax: stopped by {summary['stopped_by']} at step {summary['last_step']}; "
+      "checkpoint saved, rerun the same command to resume"
+    )
     return
   ev = summary["eval"] or {}
   print(
@@ -297,9 +297,19 @@ def main(argv):
   )
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing in which a bad --config (a missing file, an unknown or misspelt key, a
+  value of the wrong type, an error of the config file's own checks) is a user error."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, errors.UserError, AttributeError, KeyError, TypeError) as e:
+    message = " ".join(str(e).replace("\\n", " ").split())
+    raise errors.ConfigError(f"command line: {message}") from e
+
+
 if __name__ == "__main__":
   if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # absl exits 1 on --help; we exit 0
     print(__doc__)
     print(flags.FLAGS.main_module_help())
     sys.exit(0)
-  app.run(main)
+  app.run(lambda argv: cli.run(main, argv), flags_parser=lambda argv: cli.run(parse_flags, argv))

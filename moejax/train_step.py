@@ -2,7 +2,7 @@
 
 `TrainState` is a plain pytree of arrays, so it is jitted with explicit shardings, checkpointed by
 Orbax and restored onto any mesh. The model is rebuilt inside the step with `nnx.merge` (free at
-trace time); `nnx.jit` is never used in the hot loop (FACTS.md: ~110 ms of Python per call).
+trace time); `nnx.jit` is never used in the hot loop (it costs far more Python per call).
 """
 
 from __future__ import annotations
@@ -36,15 +36,22 @@ def cross_entropy(logits_blv, targets_bl):
   return jnp.mean(nll)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    aux_loss_weights: Mapping[str, float], schedule: optax.Schedule,
-                    nonfinite_policy: str = "halt", poison_step: int = 0):  # fmt: skip
+def make_train_step(
+  graphdef,
+  optimizer: optax.GradientTransformation,
+  aux_loss_weights: Mapping[str, float],
+  schedule: optax.Schedule,
+  nonfinite_policy: str = "halt",
+  poison_step: int | None = None,
+):
   """Returns `step(state, batch) -> (state, metrics)`, a pure function to wrap in jax.jit.
 
+  `aux_loss_weights` are the router family's (`routers.loss_weights`); the loss is the
+  cross-entropy plus weight * loss for every auxiliary loss the model returns.
   `metrics[faults.NONFINITE_KEY]` counts the non-finite metric entries of the step; under
   `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
-  (only `step` advances, so the data order is unchanged). `poison_step` > 0 is a test hook
-  that makes the loss of that 1-based step NaN.
+  (only `step` advances, so the data order is unchanged). `poison_step` is a test hook that
+  makes the loss of that 1-based step NaN.
   """
 
   def loss_fn(params, model_state, batch, rng, step):
@@ -86,12 +93,17 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef):
-  """Returns `eval_step(state, batch) -> summed token NLL and token count` (pure)."""
+  """Returns `eval_step(params, model_state, batch) -> (summed token NLL, token count, metrics)`.
 
-  def eval_step(state, batch):
-    model = nnx.merge(graphdef, state["params"], state["model_state"])
-    logits, _ = model(batch["inputs"], train=False)
-    nll = cross_entropy(logits, batch["targets"]) * batch["targets"].size
-    return nll, jnp.asarray(batch["targets"].size, jnp.float32)
+  Pure; `metrics` are the model's per-layer router metrics (evaluation mode: no router noise,
+  the eval capacity factor).
+  """
+
+  def eval_step(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    logits, aux = model(batch["inputs"], train=False)
+    count = batch["targets"].size
+    nll = cross_entropy(logits, batch["targets"]) * count
+    return nll, jnp.asarray(count, jnp.float32), aux["metrics"]
 
   return eval_step

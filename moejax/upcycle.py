@@ -25,9 +25,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +33,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import config_lib, restore
+from moejax import errors, paths, restore
+from moejax.model import routers
 
 _EXPERT = re.compile(r"^(blocks\.\d+\.ffn)\.experts\.(w_in|w_gate|w_out)$")
 _FRESH = re.compile(r"^blocks\.\d+\.ffn\.(router|shared_experts)\.")
 
 
-class UpcycleError(config_lib.ConfigError):
+class UpcycleError(errors.ConfigError):
   """The dense checkpoint does not fit the MoE config; the message lists every parameter."""
 
 
@@ -109,7 +108,7 @@ def plan_upcycling(moe_shapes: dict[str, tuple], dense_shapes: dict[str, tuple])
 class Upcycling:
   """A checked plan: restore `dense_target` from `directory` at `step`, then apply `plan`."""
 
-  directory: str
+  directory: object  # epath.Path of the dense run's checkpoints
   step: int
   plan: dict
   dense_target: dict  # nested like the checkpoint's params, ShapeDtypeStruct leaves
@@ -117,7 +116,7 @@ class Upcycling:
   seed: int
 
 
-def prepare(cfg, workdir: str, abs_params: dict, param_shardings: dict) -> Upcycling | None:
+def prepare(cfg, workdir, abs_params: dict, param_shardings: dict) -> Upcycling | None:
   """Checks `cfg.init.from_dense` against the MoE model and copies the dense tokenizer.
 
   Args:
@@ -129,8 +128,16 @@ def prepare(cfg, workdir: str, abs_params: dict, param_shardings: dict) -> Upcyc
   Returns:
     None when `workdir` already holds a checkpoint (the run resumes), else the checked plan.
   """
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    manager = restore.open_checkpoints(os.path.join(workdir, "checkpoints"))
+  if cfg.model.moe_every:
+    router = routers.get(cfg.model.moe.router)
+    refusal = router.upcycle_refusal(routers.options(cfg.model.moe), cfg.init.from_dense_noise)
+    if refusal:
+      raise UpcycleError(
+        f"init.from_dense with model.moe.router={cfg.model.moe.router!r}: {refusal}"
+      )
+  checkpoints = paths.resolve(workdir) / "checkpoints"
+  if checkpoints.is_dir():
+    manager = restore.open_checkpoints(checkpoints)
     resuming = bool(manager.all_steps())
     manager.close()
     if resuming:
@@ -158,23 +165,21 @@ def prepare(cfg, workdir: str, abs_params: dict, param_shardings: dict) -> Upcyc
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target_sharding[name])
 
   dense_target = jax.tree_util.tree_map_with_path(to_target, meta)
-  if not cfg.data.source.startswith("chess:"):  # chess data has a fixed character vocabulary
-    _copy_tokenizer(os.path.dirname(directory), workdir)
+  _copy_tokenizer(directory.parent, paths.resolve(workdir))
   return Upcycling(directory, step, plan, dense_target, cfg.init.from_dense_noise, cfg.train.seed)
 
 
-def _copy_tokenizer(dense_workdir: str, workdir: str) -> None:
-  source = os.path.join(dense_workdir, "tokenizer.model")
-  target = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(source):
-    raise UpcycleError(f"init.from_dense: no tokenizer.model in the dense run {dense_workdir!r}")
-  if not os.path.exists(target):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(source, target + ".tmp")
-    os.replace(target + ".tmp", target)
-  elif open(source, "rb").read() != open(target, "rb").read():
+def _copy_tokenizer(dense_workdir, workdir) -> None:
+  """Copies the dense run's tokenizer file, if it has one (fixed vocabularies have none)."""
+  source, target = dense_workdir / "tokenizer.model", workdir / "tokenizer.model"
+  if not source.exists():
+    return
+  if not target.exists():
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths.write_atomically(target, source.read_bytes())
+  elif source.read_bytes() != target.read_bytes():
     raise UpcycleError(
-      f"init.from_dense: {target!r} differs from the dense run's tokenizer {source!r}; "
+      f"init.from_dense: {str(target)!r} differs from the dense run's tokenizer {str(source)!r}; "
       "use a new workdir (the embeddings need the dense run's token ids)"
     )
 

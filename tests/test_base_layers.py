@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import errors, train
 from moejax import metrics as metrics_lib
-from moejax import train
 from moejax.model.experts import ExpertBank
 from moejax.model.moe_layer import MoELayer
-from moejax.model.routers import base_layers
+from moejax.model.routers import base, base_layers
 from moejax.ops import balanced_assignment as ba
 from tests.helpers import tiny_config, write_corpus
 
@@ -232,7 +232,7 @@ def test_route_eval_is_greedy_top1():
 def test_centroids_learn_only_through_the_gate():
   dim, num_experts, groups, tokens = 6, 4, 2, 8
   rng = np.random.default_rng(5)
-  router = base_layers.BaseLayersRouter(
+  router = base_layers.BaseLayersRouter.make(
     d_model=dim, num_experts=num_experts, top_k=1, rngs=nnx.Rngs(0), init_std=0.5
   )
   x = jnp.asarray(rng.normal(size=(groups, tokens, dim)).astype(np.float32))
@@ -268,11 +268,17 @@ def test_centroids_learn_only_through_the_gate():
 def test_moe_layer_drops_nothing_in_train_and_eval():
   batch, length, dim, num_experts = 8, 2, 8, 4
   rngs = nnx.Rngs(0)
-  router = base_layers.BaseLayersRouter(d_model=dim, num_experts=num_experts, top_k=1, rngs=rngs)
+  settings = base.MoESettings(
+    num_experts=num_experts,
+    top_k=1,
+    group_size=batch,
+    group_layout="position",
+    capacity_factor=1.0,
+    eval_capacity_factor=num_experts,
+  )
+  router = base_layers.BaseLayersRouter.make(d_model=dim, rngs=rngs, **vars(settings))
   experts = ExpertBank(num_experts, dim, 6, activation="gelu", init_std=0.5, out_std=0.5, rngs=rngs)
-  layer = MoELayer(router=router, experts=experts, num_experts=num_experts, top_k=1,
-                   dispatch="capacity", capacity_factor=1.0, eval_capacity_factor=num_experts,
-                   group_size=batch, group_layout="position")  # fmt: skip
+  layer = MoELayer(router=router, experts=experts, settings=settings)
   # Every token aligned with centroid 0: greedy eval sends the whole group to expert 0.
   w0 = np.asarray(router.centroids[...])[:, 0]
   x = jnp.asarray(np.broadcast_to(10 * w0 / np.linalg.norm(w0), (batch, length, dim)))
@@ -287,11 +293,15 @@ def test_moe_layer_drops_nothing_in_train_and_eval():
 
 def test_router_rejects_top_k_above_one_and_bad_group():
   with pytest.raises(ValueError, match="one expert per token"):
-    base_layers.BaseLayersRouter(d_model=4, num_experts=2, top_k=2, rngs=nnx.Rngs(0))
-  router = base_layers.BaseLayersRouter(d_model=4, num_experts=4, top_k=1, rngs=nnx.Rngs(0))
+    base_layers.BaseLayersRouter.make(d_model=4, num_experts=2, top_k=2, rngs=nnx.Rngs(0))
+  router = base_layers.BaseLayersRouter.make(d_model=4, num_experts=4, top_k=1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="multiple of num_experts"):
     router(jnp.zeros((1, 6, 4)), train=True)
-  assert not base_layers.BaseLayersRouter.causal_in_sequence(1)
+  cls, settings = base_layers.BaseLayersRouter, base.MoESettings(4, 1, 6)
+  assert not cls.causal_in_sequence(router.options, settings)
+  with pytest.raises(errors.ConfigError, match="group_size=6 to be a multiple of"):
+    cls.check(router.options, settings)
+  assert "group_layout='position'" in cls.decode_refusal(router.options, settings)
 
 
 @pytest.fixture(scope="module")

@@ -287,8 +287,10 @@ def test_capacity_moe_under_sharding_constraints():
   w = normal(rng, num_experts, 6, 6)
   routing = random_routing(rng, 2, 8, num_experts, 2)
   expert_fn = lambda b: jnp.einsum("gecd,edf->gecf", b, w)
-  run = lambda x, r: capacity.capacity_moe(x, r, expert_fn, num_experts=num_experts, capacity=3)
-  y_plain, _ = jax.jit(run)(x, routing)
-  with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    y_sharded, _ = jax.jit(run)(x, routing)
+  run = lambda x, r, rules: capacity.capacity_moe(
+    x, r, expert_fn, num_experts=num_experts, capacity=3, rules=rules
+  )
+  y_plain, _ = jax.jit(run, static_argnums=2)(x, routing, None)
+  with jax.set_mesh(mesh):
+    y_sharded, _ = jax.jit(run, static_argnums=2)(x, routing, sharding.DEFAULT)
   np.testing.assert_allclose(y_sharded, y_plain, atol=1e-5)

@@ -3,8 +3,8 @@
 A decoder is causal when the logits at position t depend only on tokens 0..t. Attention is
 masked, but a router that makes the tokens of a routing group compete (capacity, expert choice)
 or mixes them (Soft MoE) can carry information from a later token to an earlier one of the same
-group. For every router in `routers.ROUTERS` (collected at import time, so routers registered
-later are covered automatically), with the MoE settings of its recipe's tiny preset:
+group. For every router family in `routers.families()` (collected at import time, so families
+registered later are covered automatically), with the MoE settings of its recipe's tiny preset:
   two token batches that differ only at positions > t must give equal logits at positions <= t,
 in every layout the router declares causal (`group_layout='position'` always; 'sequence' only
 when `causal_in_sequence` says so), in eval mode and in train mode with a fixed rng.
@@ -32,7 +32,7 @@ POSITION_GROUP = 4  # group_layout 'position': 4 sequences per group, 2 groups p
 SEQUENCE_GROUP = LENGTH  # group_layout 'sequence': a group is exactly one sequence
 ATOL = 1e-6
 # Size overrides; every other model.moe key comes from the router's recipe (tiny preset).
-NOT_FROM_RECIPE = ("group_size", "group_layout", "allow_noncausal", "d_expert", "aux_loss_weights")
+NOT_FROM_RECIPE = ("group_size", "group_layout", "allow_noncausal", "d_expert")
 
 
 def _load_recipes() -> dict:
@@ -47,7 +47,7 @@ def _load_recipes() -> dict:
       moe = module.get_config("tiny").model.moe
     except Exception:  # noqa: BLE001 - a broken recipe is another test's failure
       continue
-    recipes.setdefault(moe.router, moe)
+    recipes.setdefault(routers.family(moe.router), moe)
   return recipes
 
 
@@ -62,12 +62,13 @@ def make_config(name: str, layout: str, allow_noncausal: bool = False):
   if name in RECIPES:
     for key, value in RECIPES[name].items():
       if key not in NOT_FROM_RECIPE:
-        moe[key] = value
+        moe[key] = value.to_dict() if hasattr(value, "to_dict") else value
   moe.router = name
   m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.d_ff = 64, 1, 32, 2, 64
   m.moe_every = 1
   m.init_std = 0.1  # larger than the default 0.02, so the MoE output (and any leak) is not tiny
-  moe.router_init_std = 0.5  # decisive routing, so a leak would flip choices
+  if "init_std" in moe[name]:
+    moe[name].init_std = 0.5  # decisive routing, so a leak would flip choices
   moe.group_layout, moe.allow_noncausal = layout, allow_noncausal
   moe.group_size = POSITION_GROUP if layout == "position" else SEQUENCE_GROUP
   if name == "base":  # BASE needs group_size % num_experts == 0 (S/E tokens per expert)
@@ -79,10 +80,9 @@ def make_config(name: str, layout: str, allow_noncausal: bool = False):
 def _cases():
   """(router, layout) pairs to check; resolved at collection time from the registry."""
   cases = []
-  for name in routers.ROUTERS:
-    cls = routers.get_router_class(name)  # a registered router that fails to import is an error
-    moe = make_config(name, "position").model.moe
-    causal = cls.causal_in_sequence(moe.top_k, **routers.router_options(name, moe))
+  for name, cls in sorted(routers.families().items()):
+    moe = make_config(name, "sequence").model.moe
+    causal = cls.causal_in_sequence(routers.options(moe), routers.settings(moe))
     layouts = ("sequence", "position") if causal else ("position",)
     cases += [pytest.param(name, layout, id=f"{name}-{layout}") for layout in layouts]
   return cases
@@ -128,7 +128,7 @@ def test_future_tokens_do_not_change_earlier_logits(name, layout):
     assert future > 1e-3, f"{name} ({layout}, {train=}): the perturbation did nothing"
 
 
-LEAKY = [name for name in ("expert_choice", "soft_moe") if name in routers.ROUTERS]
+LEAKY = [name for name in ("expert_choice", "soft_moe") if name in routers.families()]
 
 
 @pytest.mark.parametrize("name", LEAKY)

@@ -66,13 +66,28 @@ def test_unknown_router_lists_known_ones():
   assert "top_k" in str(err.value)
 
 
-def test_unknown_key_is_rejected():
+def test_config_is_locked_and_typed():
   c = config_lib.default_config()
-  c.unlock()
-  c.model.moe.num_expert = 4  # typo of num_experts
-  with pytest.raises(
-    config_lib.ConfigError, match=r"unknown config keys \['model.moe.num_expert'\]"
-  ):
+  with pytest.raises(AttributeError, match='Did you mean "num_experts"'):
+    c.model.moe.num_expert = 4  # typo of num_experts
+  with pytest.raises(TypeError, match="original type"):
+    c.train.steps = "100"
+  with pytest.raises(TypeError, match="original type"):
+    c.model.d_model = 64.5
+  c.optim.learning_rate = 1  # an int where a float is expected is a float
+  assert c.optim.learning_rate == 1.0 and isinstance(c.optim.learning_rate, float)
+  # Optional values are typed placeholders: None derives them, never 0.
+  assert c.model.head_dim is None and c.model.moe.d_expert is None
+  c.model.head_dim = 32
+  with pytest.raises(TypeError, match="original type"):
+    c.model.head_dim = "32"
+
+
+def test_router_options_are_per_family_sections():
+  c = config_lib.default_config()
+  assert c.model.moe.switch.jitter_eps == 0.0 and c.model.moe.deepseek.route_scale == 1.0
+  c.model.moe.switch.jitter_eps = 1.5
+  with pytest.raises(config_lib.ConfigError, match=r"model.moe.switch.jitter_eps=1.5: must be"):
     config_lib.validate(c, 1)
 
 
@@ -116,12 +131,13 @@ def test_memory_estimate_counts_sharded_params():
   mesh = mesh_lib.make_mesh(shape)
   model = nnx.eval_shape(lambda: Transformer(c.model, rngs=nnx.Rngs(0)))
   _, params = nnx.split(model, nnx.Param)
-  shards = sharding.state_shardings(params, mesh, config_lib.rules_from_config(c.mesh))
+  rules = config_lib.rules_from_config(c.mesh)
+  shards = sharding.state_shardings(params, mesh, rules)
   params, shards = nnx.to_pure_dict(params), nnx.to_pure_dict(shards)
   abstract = jax.tree.map(
     lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shards
   )
-  est = memory.estimate_memory_bytes(abstract, c, shape)
+  est = memory.estimate_memory_bytes(abstract, c, shape, rules)
   total = sum(p.size * 4 for p in jax.tree.leaves(params))
   expert = sum(p.size * 4 for p in jax.tree.leaves(params) if p.ndim == 3 and p.shape[0] == 8)
   # Expert weights are split 4 ways; the rest is replicated.
@@ -132,10 +148,20 @@ def test_memory_estimate_counts_sharded_params():
 def test_full_switch_base_stops_at_memory_preflight(tmp_path):
   """The real recipe on this machine ends in the pre-flight message, not an OOM kill."""
   proc = subprocess.run(
-      [sys.executable, "-m", "moejax.train", "--config", "configs/switch_base.py",
-       "--workdir", str(tmp_path / "run")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-  )  # fmt: skip
+    [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      "--config",
+      "configs/switch_base.py",
+      "--workdir",
+      str(tmp_path / "run"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "memory pre-flight" in proc.stderr
   assert "switch_base.py:tiny" in proc.stderr
@@ -148,11 +174,53 @@ def test_cli_help_and_bad_override(tmp_path):
   )
   assert helped.returncode == 0 and "--workdir" in helped.stdout
   bad = subprocess.run(
-      [sys.executable, "-m", "moejax.train", "--config", "configs/switch_base.py:tiny",
-       "--workdir", str(tmp_path), "--config.model.moe.router=nope"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-  )  # fmt: skip
+    [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      "--config",
+      "configs/switch_base.py:tiny",
+      "--workdir",
+      str(tmp_path),
+      "--config.model.moe.router=nope",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2
   last = bad.stderr.strip().splitlines()[-1]
   assert last.startswith("moejax: error: model.moe.router='nope' is not one of: ")
   assert "switch" in last and "top_k" in last
+
+
+@pytest.mark.parametrize(
+  "override, expected",
+  [
+    ("--config.model.moe.num_expert=4", 'Did you mean "num_experts"'),
+    ("--config.train.steps=abc", "--config.train.steps=abc"),
+    ("--config.model.moe.switch.jitter_eps=x", "jitter_eps"),
+  ],
+)
+def test_cli_misspelt_or_mistyped_overrides_are_one_line(tmp_path, override, expected):
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      "--config",
+      "configs/switch_base.py:tiny",
+      "--workdir",
+      str(tmp_path),
+      override,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert bad.returncode == 2, bad.stderr[-2000:]
+  lines = bad.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("moejax: error: command line: "), lines
+  assert expected in lines[0]

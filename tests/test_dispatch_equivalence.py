@@ -49,14 +49,14 @@ def make_inputs(activation="gelu"):
   return graphdef, bank_state, x_gsd, w_router_de
 
 
-def moe_loss_fn(dispatch_fn, route_fn, graphdef, cap):
+def moe_loss_fn(dispatch_fn, route_fn, graphdef, cap, rules):
   """(x, router weights, expert state) -> (sum of a fixed projection of y, (y, stats))."""
   probe_d = jnp.linspace(-1.0, 1.0, D)
 
   def loss(x_gsd, w_router_de, bank_state):
     bank = nnx.merge(graphdef, bank_state)
     routing = jax.vmap(route_fn)(jnp.einsum("gsd,de->gse", x_gsd, w_router_de))
-    y_gsd, stats = dispatch_fn(x_gsd, routing, bank, num_experts=E, capacity=cap)
+    y_gsd, stats = dispatch_fn(x_gsd, routing, bank, num_experts=E, capacity=cap, rules=rules)
     return jnp.sum(jnp.tanh(y_gsd) * probe_d), (y_gsd, stats)
 
   return loss
@@ -75,12 +75,13 @@ def run_all(route_fn, cap, mesh, activation="gelu"):
   for name, dispatch_fn in DISPATCHES.items():
     if name == skip:
       continue
-    loss = moe_loss_fn(dispatch_fn, route_fn, graphdef, cap)
+    rules = None if mesh is None else sharding.DEFAULT
+    loss = moe_loss_fn(dispatch_fn, route_fn, graphdef, cap, rules)
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     if mesh is None:
       results[name] = fn(x_gsd, w_router_de, bank_state)
     else:
-      with sharding.activate(mesh, sharding.DEFAULT_RULES):
+      with jax.set_mesh(mesh):
         results[name] = fn(x_gsd, w_router_de, bank_state)
   return results
 
@@ -98,9 +99,7 @@ def test_dispatches_agree_without_drops(router, on_mesh):
   for name, ((_, (y, stats)), grads) in results.items():
     assert float(stats["dropped_fraction"]) == 0.0, name
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5, err_msg=name)
-    for path, g, g_ref in zip(
-      ("x", "router", "experts"), grads, grads_ref, strict=True
-    ):  # fmt: skip
+    for path, g, g_ref in zip(("x", "router", "experts"), grads, grads_ref, strict=True):
       for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         assert float(jnp.abs(b).max()) > 0, (name, path)
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{name} d/d{path}")
@@ -142,11 +141,12 @@ def test_capacity_drops_exactly_the_brute_force_pairs(on_mesh):
   assert dropped_tokens.any()
   mesh = mesh_8() if on_mesh else None
   for name in ("capacity", "all_to_all", "dropless_blocked"):
-    fn = jax.jit(functools.partial(DISPATCHES[name], num_experts=E, capacity=cap))
+    rules = None if mesh is None else sharding.DEFAULT
+    fn = jax.jit(functools.partial(DISPATCHES[name], num_experts=E, capacity=cap, rules=rules))
     if mesh is None:
       y, stats = fn(x_gsd, routing, bank)
     else:
-      with sharding.activate(mesh, sharding.DEFAULT_RULES):
+      with jax.set_mesh(mesh):
         y, stats = fn(x_gsd, routing, bank)
     if name == "dropless_blocked":  # computes every pair: differs exactly where drops happened
       assert float(stats["dropped_fraction"]) == 0.0
@@ -172,10 +172,15 @@ def test_blocked_layout_is_expert_contiguous_and_padded():
 def test_all_to_all_rejects_groups_that_do_not_split():
   graphdef, bank_state, x_gsd, w_router_de = make_inputs()
   routing = jax.vmap(functools.partial(top_k.route_top_k, top_k=1))(x_gsd[:4] @ w_router_de)
-  with sharding.activate(mesh_8(), sharding.DEFAULT_RULES):
+  with jax.set_mesh(mesh_8()):
     with pytest.raises(ValueError, match="4 routing groups"):
       all_to_all.all_to_all_moe(
-        x_gsd[:4], routing, nnx.merge(graphdef, bank_state), num_experts=E, capacity=S
+        x_gsd[:4],
+        routing,
+        nnx.merge(graphdef, bank_state),
+        num_experts=E,
+        capacity=S,
+        rules=sharding.DEFAULT,
       )
 
 
@@ -194,11 +199,7 @@ def test_config_validates_dispatch():
   config_lib.validate(c, 8)
 
 
-# One name per router class (aliases such as "switch" share a class); soft_moe is not sparse.
-_ONE_NAME_PER_CLASS = {
-  routers.get_router_class(n): n for n in sorted(routers.ROUTERS, reverse=True)
-}
-SPARSE_ROUTERS = sorted(set(_ONE_NAME_PER_CLASS.values()) - {"soft_moe"})
+SPARSE_ROUTERS = sorted(set(routers.families()) - {"soft_moe"})
 
 
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)

@@ -17,6 +17,8 @@ from moejax.model.routers import base, expert_choice, soft_moe
 from moejax.ops import capacity, soft
 from tests.helpers import tiny_config, write_corpus
 
+MOE_SETTINGS = base.MoESettings(num_experts=4, top_k=1, group_size=8)
+
 # Jitted once per shape: on CPU, one compile beats compiling every primitive eagerly.
 route_ec = jax.jit(expert_choice.route_expert_choice, static_argnames=("capacity",))
 route_soft = jax.jit(soft_moe.route_soft)
@@ -146,7 +148,7 @@ def test_expert_choice_ties_take_lower_position_first():
 
 
 def make_ec_router(num_experts=4, dim=8, **kwargs):
-  return expert_choice.ExpertChoiceRouter(
+  return expert_choice.ExpertChoiceRouter.make(
     d_model=dim, num_experts=num_experts, top_k=1, rngs=nnx.Rngs(0), init_std=1.0, **kwargs
   )
 
@@ -225,8 +227,8 @@ def test_expert_choice_router_module_and_gradients():
   assert train_r.token_index.shape == (3, 8) and eval_r.token_index.shape == (3, 16)
   assert train_r.metrics["expert_load"].shape == (num_experts,)
   assert train_r.aux_losses["router_z_loss"].shape == ()
-  assert not expert_choice.ExpertChoiceRouter.causal_in_sequence(1)
-  assert routers.get_router_class("expert_choice") is expert_choice.ExpertChoiceRouter
+  assert not expert_choice.ExpertChoiceRouter.causal_in_sequence(router.options, MOE_SETTINGS)
+  assert routers.get("expert_choice") is expert_choice.ExpertChoiceRouter
 
   @nnx.jit
   def grads(router):
@@ -273,7 +275,7 @@ def test_soft_routing_weights_are_normalised():
 
 
 def make_soft_router(num_experts, dim, slots):
-  return soft_moe.SoftMoERouter(
+  return soft_moe.SoftMoERouter.make(
     d_model=dim, num_experts=num_experts, top_k=1, rngs=nnx.Rngs(0), slots_per_expert=slots
   )
 
@@ -340,8 +342,8 @@ def test_soft_moe_gradients_reach_phi_and_scale():
   w_in, w_out = expert_weights(rng, num_experts, dim, 5)
   cotangent = normal(rng, *x.shape)
   router = make_soft_router(num_experts, dim, 2)
-  assert not soft_moe.SoftMoERouter.causal_in_sequence(1)
-  assert routers.get_router_class("soft_moe") is soft_moe.SoftMoERouter
+  assert not soft_moe.SoftMoERouter.causal_in_sequence(router.options, MOE_SETTINGS)
+  assert routers.get("soft_moe") is soft_moe.SoftMoERouter
 
   @nnx.jit
   def grads(router):
@@ -368,13 +370,17 @@ def test_moe_layer_position_layout(name):
   batch, length, dim, num_experts = 4, 3, 8, 2
   rngs = nnx.Rngs(0)
   options = {"slots_per_expert": 2} if name == "soft_moe" else {}
-  router = routers.get_router_class(name)(
-    d_model=dim, num_experts=num_experts, top_k=1, rngs=rngs, **options
+  settings = base.MoESettings(
+    num_experts=num_experts,
+    top_k=1,
+    group_size=batch,
+    group_layout="position",
+    capacity_factor=2.0,
+    eval_capacity_factor=2.0,
   )
+  router = routers.get(name).make(d_model=dim, rngs=rngs, **vars(settings), **options)
   experts = ExpertBank(num_experts, dim, 6, activation="gelu", init_std=0.5, out_std=0.5, rngs=rngs)
-  layer = MoELayer(router=router, experts=experts, num_experts=num_experts, top_k=1,
-                   dispatch="capacity", capacity_factor=2.0, eval_capacity_factor=2.0,
-                   group_size=batch, group_layout="position")  # fmt: skip
+  layer = MoELayer(router=router, experts=experts, settings=settings)
   x = jnp.asarray(normal(np.random.default_rng(6), batch, length, dim))
   call = nnx.jit(lambda m, x: m(x, train=False, rng=None))
   y, _, metrics = call(layer, x)
@@ -400,7 +406,7 @@ def test_end_to_end_train_on_8_devices(corpus, tmp_path, name):
   moe = cfg.model.moe
   moe.router, moe.group_layout, moe.group_size = name, "position", 8  # batch 8
   moe.capacity_factor = moe.eval_capacity_factor = 2.0
-  moe.slots_per_expert = 2
+  moe.soft_moe.slots_per_expert = 2
   cfg.train.steps = cfg.train.eval_every = cfg.train.checkpoint_every = 6
   out = train.run(cfg, str(tmp_path / name), progress=False)
   losses = np.array([out["losses"][s] for s in sorted(out["losses"])])
@@ -414,7 +420,7 @@ def test_soft_router_init_scale_sets_the_learned_scale_and_sharpens_routing():
   x = normal(rng, 2, 16, 8)  # [G, S, D]
 
   def build(init_scale):
-    return soft_moe.SoftMoERouter(
+    return soft_moe.SoftMoERouter.make(
       d_model=8, num_experts=4, top_k=1, rngs=nnx.Rngs(0), slots_per_expert=2, init_scale=init_scale
     )
 
@@ -425,5 +431,5 @@ def test_soft_router_init_scale_sets_the_learned_scale_and_sharpens_routing():
   # Same cosines times 10: the largest weights of both softmaxes grow.
   assert r_sharp.metrics["combine_max_weight"] > r_flat.metrics["combine_max_weight"] + 0.1
   assert r_sharp.metrics["dispatch_max_weight"] > r_flat.metrics["dispatch_max_weight"] + 0.1
-  with pytest.raises(ValueError, match="init_scale > 0"):
+  with pytest.raises(ValueError, match="init_scale=0.0: must be > 0"):
     build(0.0)

@@ -63,10 +63,13 @@ def cli(tmp_path_factory, corpus):
     # stderr (Orbax / absl warnings) goes to a file: a full pipe would stall the child.
     with open(base / "stderr.log", "a") as err:  # the child keeps its own descriptor
       return subprocess.Popen(
-          [sys.executable, "-m", "moejax.train", "--config", str(config), "--workdir",
-           str(workdir)],
-          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-      )  # fmt: skip
+        [sys.executable, "-m", "moejax.train", "--config", str(config), "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+      )
 
   start.log = base / "stderr.log"
   return start

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config_lib, generate, restore, sharding
+from moejax import config_lib, generate, restore
 from moejax.model.transformer import Transformer
 from tests.helpers import tiny_config
 
@@ -27,7 +27,8 @@ def _model(router, layout, group_size):
   # either (generation routes one token per group in the sequence layout and never drops).
   moe.eval_capacity_factor = float(moe.num_experts)
   mesh, rules = restore.make_inference_mesh(cfg)
-  graphdef, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(3)), nnx.Param, ...)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(3), rules=rules)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return restore.RestoredModel(
     graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), 0, cfg, mesh, rules
   )
@@ -45,7 +46,7 @@ def test_cached_decoding_equals_full_recompute(router, layout, group_size):
 
   # Reference: the whole sequence (prompt + generated) through the ordinary forward pass.
   full_seq = np.concatenate([prompt, tokens], axis=1)
-  with sharding.activate(model.mesh, model.rules):
+  with jax.set_mesh(model.mesh):
 
     @jax.jit
     def full(params, rest, seq):

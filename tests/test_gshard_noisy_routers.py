@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config_lib, train
+from moejax import config_lib, errors, train
 from moejax import metrics as metrics_lib
 from moejax.model import routers
-from moejax.model.routers import gshard_top2, noisy_top_k
+from moejax.model.routers import base, gshard_top2, noisy_top_k
 from moejax.ops import capacity
 from tests.helpers import tiny_config, write_corpus
 
@@ -217,7 +217,7 @@ def test_gshard_permutation_equivariance():
 
 def make_gshard(**kwargs):
   args = dict(d_model=16, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
-  return gshard_top2.GShardTop2Router(**(args | kwargs))
+  return gshard_top2.GShardTop2Router.make(**(args | kwargs))
 
 
 def test_gshard_router_module_routes_each_group_with_its_own_key():
@@ -243,11 +243,12 @@ def test_gshard_router_module_routes_each_group_with_its_own_key():
 def test_gshard_rejects_bad_options():
   with pytest.raises(ValueError, match="top_k=1"):
     make_gshard(top_k=1)
-  with pytest.raises(ValueError, match="top_k=3"):
-    gshard_top2.GShardTop2Router.causal_in_sequence(3)
+  cls, options = gshard_top2.GShardTop2Router, gshard_top2.GShardOptions()
+  with pytest.raises(errors.ConfigError, match="model.moe.top_k=3"):
+    cls.check(options, base.MoESettings(num_experts=4, top_k=3, group_size=8))
   with pytest.raises(ValueError, match="second_expert_policy='sampling'"):
     make_gshard(second_expert_policy="sampling")
-  assert gshard_top2.GShardTop2Router.causal_in_sequence(2, second_expert_policy="random") is False
+  assert cls.causal_in_sequence(options, base.MoESettings(4, 2, 8, dispatch="dropless")) is False
   assert make_gshard().capacity(16, 1.25) == 10  # 2 * ceil(16/4) * 1.25
 
 
@@ -393,7 +394,7 @@ def test_noisy_capacity_matches_loop():
 
 def make_noisy(**kwargs):
   args = dict(d_model=16, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
-  return noisy_top_k.NoisyTopKRouter(**(args | kwargs))
+  return noisy_top_k.NoisyTopKRouter.make(**(args | kwargs))
 
 
 def test_noisy_zero_init_routes_validly():
@@ -435,8 +436,10 @@ def test_noisy_router_module_matches_pure_function():
   np.testing.assert_allclose(routing.aux_losses["load_loss"], np.mean(losses), rtol=1e-5)
   with pytest.raises(ValueError, match="rng"):
     router(x, train=True, rng=None)
-  assert noisy_top_k.NoisyTopKRouter.causal_in_sequence(1) is True
-  assert noisy_top_k.NoisyTopKRouter.causal_in_sequence(2) is False
+  causal = lambda k, dispatch="capacity": noisy_top_k.NoisyTopKRouter.causal_in_sequence(
+    router.options, base.MoESettings(num_experts=4, top_k=k, group_size=16, dispatch=dispatch)
+  )
+  assert causal(1) and not causal(2) and causal(2, "dropless")
   assert router.capacity(16, 1.25) == 10  # ceil(1.25 * 16 * 2 / 4)
 
 
@@ -476,7 +479,7 @@ def load_recipe(name, preset=""):
 )
 def test_registry_and_recipes(recipe, router_cls):
   full, tiny = load_recipe(recipe), load_recipe(recipe, "tiny")
-  assert routers.get_router_class(full.model.moe.router) is router_cls
+  assert routers.get(full.model.moe.router) is router_cls
   assert tiny.model.moe.router == full.model.moe.router
   # Both use top-k > 1, which needs position groups to stay causal.
   for cfg in (full, tiny):
@@ -504,9 +507,6 @@ def test_short_training_run_on_eight_devices(router, corpus, tmp_path):
   moe.router, moe.top_k = router, 2
   # k = 2 is not causal within a sequence: group the 8 sequences of the batch by position.
   moe.group_layout, moe.group_size = "position", 8
-  if router == "noisy_top_k":
-    moe.aux_loss_weights.importance_loss = 1e-2
-    moe.aux_loss_weights.load_loss = 1e-2
   # stop_at before train.steps: no evaluation pass to compile, one checkpoint at the stop.
   cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = 100, 100, 100
   losses = train.run(cfg, str(tmp_path / "run"), progress=False, stop_at=10)["losses"]

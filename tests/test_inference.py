@@ -73,8 +73,10 @@ def test_evaluate_user_errors(run, tmp_path):
     evaluate.main(["--workdir", workdir, "--step", "5"])
   proc = subprocess.run(
     [sys.executable, "-m", "moejax.evaluate", "--workdir", str(tmp_path / "nothing")],
-    capture_output=True, text=True, check=False,
-  )  # fmt: skip
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("moejax: error: no config.json in")
 
@@ -131,8 +133,12 @@ def test_plots_from_runs(run, tmp_path):
   paths = plot.main(["--workdir", workdir, workdir, "--out", str(tmp_path)])
   names = sorted(os.path.basename(p) for p in paths)
   run_name = os.path.basename(workdir)
-  expected = ["expert_load_" + run_name + ".png", f"expert_load_{run_name}_2.png", "loss.png",
-              "routing.png"]  # fmt: skip
+  expected = [
+    "expert_load_" + run_name + ".png",
+    f"expert_load_{run_name}_2.png",
+    "loss.png",
+    "routing.png",
+  ]
   assert names == sorted(expected)
   for path in paths:
     image = matplotlib.image.imread(path)

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/local_multiprocess.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch"]
-BENCHMARK_SCRIPTS = ["benchmarks/moex_experiment.sh", "benchmarks/moex_language.sh"]
+BENCHMARK_SCRIPTS = ["moejax/proj/moex/experiment.sh", "moejax/proj/moex/language.sh"]
 TRAIN = ["--config", "configs/switch_base.py", "--workdir", "/shared/my run"]
 
 
@@ -40,9 +40,20 @@ def test_syntax_and_shellcheck(script):
 
 def test_local_multiprocess_dry_run():
   out = _run(
-    ["bash", "launch/local_multiprocess.sh", "--processes", "3", "--devices-per-process", "2",
-     "--port", "4321", "--dry-run", "--", *TRAIN]
-  ).stdout.splitlines()  # fmt: skip
+    [
+      "bash",
+      "launch/local_multiprocess.sh",
+      "--processes",
+      "3",
+      "--devices-per-process",
+      "2",
+      "--port",
+      "4321",
+      "--dry-run",
+      "--",
+      *TRAIN,
+    ]
+  ).stdout.splitlines()
   assert len(out) == 3
   for i, line in enumerate(out):
     words = shlex.split(line)
@@ -63,16 +74,33 @@ def test_local_multiprocess_dry_run():
 def test_local_multiprocess_rejects_bad_counts():
   out = subprocess.run(
     ["bash", "launch/local_multiprocess.sh", "--processes", "0", "--", *TRAIN],
-    cwd=ROOT, capture_output=True, text=True, timeout=60,
-  )  # fmt: skip
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 2 and "positive integers" in out.stderr
 
 
 def test_tpu_pod_dry_run():
   out = _run(
-    ["bash", "launch/tpu_pod.sh", "--tpu", "pod1", "--zone", "us-central2-b", "--create",
-     "--accelerator-type", "v4-32", "--workers", "4", "--dry-run", "--", *TRAIN]
-  ).stdout  # fmt: skip
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "--tpu",
+      "pod1",
+      "--zone",
+      "us-central2-b",
+      "--create",
+      "--accelerator-type",
+      "v4-32",
+      "--workers",
+      "4",
+      "--dry-run",
+      "--",
+      *TRAIN,
+    ]
+  ).stdout
   commands = [shlex.split(line) for line in out.splitlines() if line.startswith("gcloud")]
   create, mkdir, scp, install, train = commands[:5]
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod1"]
@@ -93,6 +121,12 @@ def test_tpu_pod_dry_run():
 def test_slurm_dry_run_uses_first_node_as_coordinator():
   env = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[07-10],cpu1", "MOEJAX_PYTHON": "py"}
   out = _run(["bash", "launch/slurm.sbatch", "--dry-run", *TRAIN], env=env)
-  assert shlex.split(out.stdout) == ["srun", "--kill-on-bad-exit=1", "py", "-m", "moejax.train",
-                                     *TRAIN]  # fmt: skip
+  assert shlex.split(out.stdout) == [
+    "srun",
+    "--kill-on-bad-exit=1",
+    "py",
+    "-m",
+    "moejax.train",
+    *TRAIN,
+  ]
   assert "coordinator gpu07:12589" in out.stderr  # 12355 + 1234 % 1000

@@ -44,9 +44,12 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_device_losses(corpus, tmp_path_factory):
   out = train.run(
-      _config(corpus, "capacity", data=1), str(tmp_path_factory.mktemp("one")),
-      devices=jax.devices()[:1], progress=False, stop_at=STEPS,
-  )  # fmt: skip
+    _config(corpus, "capacity", data=1),
+    str(tmp_path_factory.mktemp("one")),
+    devices=jax.devices()[:1],
+    progress=False,
+    stop_at=STEPS,
+  )
   return np.array([out["losses"][s] for s in range(1, STEPS + 1)])
 
 

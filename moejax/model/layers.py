@@ -56,9 +56,19 @@ def apply_rope(x_blhk, theta: float, offset=0):
 class DenseMLP(nnx.Module):
   """Position-wise feed-forward block: w_out(act(x w_in) [* x w_gate])."""
 
-  def __init__(self, d_model: int, d_ff: int, *, activation: str, init_std: float, out_std: float,
-               rngs: nnx.Rngs):  # fmt: skip
+  def __init__(
+    self,
+    d_model: int,
+    d_ff: int,
+    *,
+    activation: str,
+    init_std: float,
+    out_std: float,
+    rngs: nnx.Rngs,
+    rules: sharding.Rules | None = None,
+  ):
     self.activation = activation
+    self.rules = rules
     self.w_in = param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std)
     self.w_gate = (
       param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std) if activation == "swiglu" else None
@@ -73,7 +83,7 @@ class DenseMLP(nnx.Module):
     )
     if self.w_gate is not None:
       h = h * jnp.einsum("bld,df->blf", x_bld, self.w_gate[...].astype(dtype))
-    return sharding.constrain(h, ("batch", "length", "act_mlp"))
+    return sharding.constrain(h, ("batch", "length", "act_mlp"), self.rules)
 
   def __call__(self, x_bld):
     return jnp.einsum("blf,fd->bld", self.hidden(x_bld), self.w_out[...].astype(x_bld.dtype))

@@ -5,20 +5,25 @@ of devices, so the model function is the same on any mesh. Two layouts:
 - "sequence": consecutive tokens of the flattened [batch * length] stream;
 - "position": tokens at the same position of different sequences (the group never holds a
   sequence's future, so even routers that mix tokens, such as expert choice, stay causal).
-The router returns a `Routing` (moejax/model/routers/base.py). Sparse routings go through a
-dispatch implementation from `DISPATCHES` with the capacity the router asks for
+The router returns a `Routing` (moejax/ops/routing.py). Sparse routings go through a dispatch
+implementation from `DISPATCHES` with the capacity the router asks for
 (`router.capacity(S, capacity_factor)`); soft routings through `ops/soft.py`. Dropped tokens get
 zero output, so the block's residual carries them.
+
+Probes (analysis code outside the core, e.g. the MoE-X project's wide hidden code) use the steps
+the layer is made of: `route` (groups + routing), `kept_pairs` (what the dispatch computes of
+that routing) and `from_groups` (back to [B, L, ...]).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
-from moejax.model import wide
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import base
 from moejax.ops import all_to_all, capacity, dropless, soft
@@ -33,69 +38,89 @@ GROUP_LAYOUTS = ("sequence", "position")
 
 
 class MoELayer(nnx.Module):
-  def __init__(self, *, router: nnx.Module, experts: ExpertBank, num_experts: int, top_k: int,
-               dispatch: str, capacity_factor: float, eval_capacity_factor: float,
-               group_size: int, group_layout: str = "sequence",
-               shared_experts: nnx.Module | None = None):  # fmt: skip
-    if dispatch not in DISPATCHES:
-      raise ValueError(f"unknown dispatch {dispatch!r}; known: {sorted(DISPATCHES)}")
+  """Args: the router module, the expert bank, the MoE settings, optional shared experts (a
+  dense MLP every token uses, DeepSeekMoE) and the sharding rules."""
+
+  def __init__(
+    self,
+    *,
+    router: base.Router,
+    experts: ExpertBank,
+    settings: base.MoESettings,
+    shared_experts: nnx.Module | None = None,
+    rules: sharding.Rules | None = None,
+  ):
+    if settings.dispatch not in DISPATCHES:
+      raise ValueError(f"unknown dispatch {settings.dispatch!r}; known: {sorted(DISPATCHES)}")
+    if settings.group_layout not in GROUP_LAYOUTS:
+      raise ValueError(f"unknown group_layout {settings.group_layout!r}; known: {GROUP_LAYOUTS}")
     self.router = router
     self.experts = experts
-    self.num_experts = num_experts
-    self.top_k = top_k
-    self.dispatch = dispatch
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor
-    self.group_size = group_size
-    if group_layout not in GROUP_LAYOUTS:
-      raise ValueError(f"unknown group_layout {group_layout!r}; known: {GROUP_LAYOUTS}")
-    self.group_layout = group_layout
-    self.shared_experts = shared_experts  # a dense MLP every token uses (DeepSeekMoE)
+    self.settings = settings
+    self.shared_experts = shared_experts
+    self.rules = rules
 
-  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None, return_hidden: bool = False):
-    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array}),
-    plus z_hat [batch, length, E * d_expert] (moejax/model/wide.py) when `return_hidden`."""
-    x_gsd = self._to_groups(x_bld)
-    s = x_gsd.shape[1]
-    # Routers that score experts by their weights (moex) read the expert bank.
-    uses_experts = getattr(self.router, "USES_EXPERT_WEIGHTS", False)
-    extra = {"experts": self.experts} if uses_experts else {}
-    routing = self.router(x_gsd, train=train, rng=rng, **extra)
+  def route(self, x_bld, *, train: bool, rng: jax.Array | None):
+    """(x_gsd [G, S, D] the routing groups, routing) of this layer's input [B, L, D]."""
+    x_gsd = self.to_groups(x_bld)
+    extra = {"experts": self.experts} if self.router.READS_EXPERT_WEIGHTS else {}
+    return x_gsd, self.router(x_gsd, train=train, rng=rng, **extra)
+
+  def capacity(self, num_tokens: int, *, train: bool) -> int:
+    """Slots per expert per group of `num_tokens` for the capacity dispatches."""
+    s = self.settings
+    return self.router.capacity(num_tokens, s.capacity_factor if train else s.eval_capacity_factor)
+
+  def kept_pairs(self, routing: base.SparseRouting, *, train: bool) -> jax.Array:
+    """bool[G, N]: the pairs of `routing` the dispatch computes (all valid ones if dropless)."""
+    if self.settings.dispatch == "dropless":
+      return routing.valid
+    compute = functools.partial(
+      capacity.compute_slots,
+      num_experts=self.settings.num_experts,
+      capacity=self.capacity(self.settings.group_size, train=train),
+    )
+    return jax.vmap(compute)(routing.expert_index, routing.valid)[1]
+
+  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None):
+    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array})."""
+    x_gsd, routing = self.route(x_bld, train=train, rng=rng)
+    num_experts = self.settings.num_experts
     if isinstance(routing, base.SoftRouting):
       y_gsd, dispatch_metrics = soft.soft_moe(
-        x_gsd, routing, self.experts, num_experts=self.num_experts
+        x_gsd, routing, self.experts, num_experts=num_experts, rules=self.rules
       )
     else:
-      cf = self.capacity_factor if train else self.eval_capacity_factor
-      y_gsd, dispatch_metrics = DISPATCHES[self.dispatch](
-          x_gsd, routing, self.experts, num_experts=self.num_experts,
-          capacity=self.router.capacity(s, cf),
-      )  # fmt: skip
-    y = self._from_groups(y_gsd, x_bld.shape)
+      y_gsd, dispatch_metrics = DISPATCHES[self.settings.dispatch](
+        x_gsd,
+        routing,
+        self.experts,
+        num_experts=num_experts,
+        capacity=self.capacity(x_gsd.shape[1], train=train),
+        rules=self.rules,
+      )
+    y = self.from_groups(y_gsd, x_bld.shape)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_bld)
-    if return_hidden:
-      z_gsk = wide.moe_hidden_code(self, x_gsd, routing, train=train)
-      z_blk = self._from_groups(z_gsk, (*x_bld.shape[:2], z_gsk.shape[-1]))
-      return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}, z_blk
     return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}
 
-  def _to_groups(self, x_bld):
+  def to_groups(self, x_bld):
     """[B, L, D] -> [G, S, D] in the configured group layout."""
     batch, length, d = x_bld.shape
-    s = self.group_size
-    if self.group_layout == "position":
+    s = self.settings.group_size
+    if self.settings.group_layout == "position":
       if batch % s:
         raise ValueError(f"group_layout 'position' needs group_size={s} to divide batch={batch}")
       x_bld = jnp.swapaxes(x_bld, 0, 1)  # [L, B, D]: a group = one position of S sequences
     elif (batch * length) % s:
       raise ValueError(f"group_size={s} must divide batch*length={batch * length}")
-    return sharding.constrain(x_bld.reshape(-1, s, d), ("group", None, "act_embed"))
+    return sharding.constrain(x_bld.reshape(-1, s, d), ("group", None, "act_embed"), self.rules)
 
-  def _from_groups(self, y_gsd, shape_bld):
+  def from_groups(self, y_gsd, shape_bld):
+    """[G, S, K] -> [B, L, K] (the inverse of `to_groups`)."""
     batch, length, d = shape_bld
-    if self.group_layout == "position":
+    if self.settings.group_layout == "position":
       y = jnp.swapaxes(y_gsd.reshape(length, batch, d), 0, 1)
     else:
       y = y_gsd.reshape(batch, length, d)
-    return sharding.constrain(y, ("batch", "length", "act_embed"))
+    return sharding.constrain(y, ("batch", "length", "act_embed"), self.rules)

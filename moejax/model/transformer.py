@@ -28,11 +28,12 @@ def is_moe_layer(index: int, moe_every: int) -> bool:
 
 
 class Block(nnx.Module):
-  def __init__(self, attention: Attention, ffn: nnx.Module, d_model: int, eps: float):
+  def __init__(self, attention: Attention, ffn: nnx.Module, d_model: int, eps: float, rules=None):
     self.attn_norm = RMSNorm(d_model, eps=eps)
     self.attention = attention
     self.ffn_norm = RMSNorm(d_model, eps=eps)
     self.ffn = ffn
+    self.rules = rules
 
   def __call__(self, x_bld, *, train: bool, rng):
     x = x_bld + self.attention(self.attn_norm(x_bld))
@@ -41,49 +42,50 @@ class Block(nnx.Module):
       y, aux_losses, metrics = self.ffn(h, train=train, rng=rng)
     else:
       y, aux_losses, metrics = self.ffn(h), {}, {}
-    x = sharding.constrain(x + y, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x + y, ("batch", "length", "act_embed"), self.rules)
     return x, aux_losses, metrics
 
 
 class Transformer(nnx.Module):
-  """Args: model_cfg, the `model` section of the config (sizes and the `moe` sub-section)."""
+  """The decoder-only LM.
 
-  def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+  Args:
+    model_cfg: the `model` section of the config (sizes and the `moe` sub-section).
+    rngs: parameter initialisation keys.
+    rules: sharding rules (moejax/sharding.py); None builds an unsharded model.
+  """
+
+  def __init__(self, model_cfg, *, rngs: nnx.Rngs, rules: sharding.Rules | None = None):
     m, moe = model_cfg, model_cfg.moe
     d, std = m.d_model, m.init_std
     out_std = std / math.sqrt(2 * m.num_layers)  # GPT-2 style: residual writes scaled by depth
     head_dim = m.head_dim or d // m.num_heads
+    d_expert = moe.d_expert or m.d_ff
     self.dtype = DTYPES[m.dtype]
+    self.rules = rules
     self.embed = param(rngs, (m.vocab_size, d), ("vocab", "embed"), 1.0)
+    # Every weight of a block: the same init scales, keys and sharding rules.
+    init = dict(init_std=std, out_std=out_std, rngs=rngs, rules=rules)
+    mlp = lambda width: DenseMLP(d, width, activation=m.activation, **init)
     blocks = []
     for i in range(m.num_layers):
-      attn = Attention(d, m.num_heads, head_dim, rope_theta=m.rope_theta, init_std=std,
-                       out_std=out_std, rngs=rngs)  # fmt: skip
+      attn = Attention(d, m.num_heads, head_dim, rope_theta=m.rope_theta, **init)
       if is_moe_layer(i, m.moe_every):
-        router_cls = routers.get_router_class(moe.router)
-        router = router_cls(
-            d_model=d, num_experts=moe.num_experts, top_k=moe.top_k, rngs=rngs,
-            **routers.router_options(moe.router, moe),
-        )  # fmt: skip
-        experts = ExpertBank(moe.num_experts, d, moe.d_expert or m.d_ff, activation=m.activation,
-                             init_std=std, out_std=out_std, rngs=rngs)  # fmt: skip
+        router = routers.registry.build(moe, d_model=d, rngs=rngs)
+        experts = ExpertBank(moe.num_experts, d, d_expert, activation=m.activation, **init)
         # K_s shared experts of width d_expert, summed, are one dense MLP of width K_s * d_expert
         # (activations act per hidden unit), added unweighted (DeepSeekMoE).
-        shared = None
-        if moe.num_shared_experts > 0:
-          shared = DenseMLP(d, moe.num_shared_experts * (moe.d_expert or m.d_ff),
-                            activation=m.activation, init_std=std, out_std=out_std,
-                            rngs=rngs)  # fmt: skip
+        shared = mlp(moe.num_shared_experts * d_expert) if moe.num_shared_experts else None
         ffn = MoELayer(
-            router=router, experts=experts, num_experts=moe.num_experts, top_k=moe.top_k,
-            dispatch=moe.dispatch, capacity_factor=moe.capacity_factor,
-            eval_capacity_factor=moe.eval_capacity_factor, group_size=moe.group_size,
-            group_layout=moe.group_layout, shared_experts=shared,
-        )  # fmt: skip
+          router=router,
+          experts=experts,
+          settings=routers.registry.settings(moe),
+          shared_experts=shared,
+          rules=rules,
+        )
       else:
-        ffn = DenseMLP(d, m.d_ff, activation=m.activation, init_std=std, out_std=out_std,
-                       rngs=rngs)  # fmt: skip
-      blocks.append(Block(attn, ffn, d, m.norm_eps))
+        ffn = mlp(m.d_ff)
+      blocks.append(Block(attn, ffn, d, m.norm_eps, rules))
     self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(d, eps=m.norm_eps)
     self.unembed = param(rngs, (d, m.vocab_size), ("embed", "vocab"), std)
@@ -101,7 +103,7 @@ class Transformer(nnx.Module):
       "metrics": {"layer_{i}/{name}": array}}.
     """
     x = jnp.take(self.embed[...], tokens_bl, axis=0).astype(self.dtype)
-    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"), self.rules)
     losses, metrics = {}, {}
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -115,5 +117,5 @@ class Transformer(nnx.Module):
     logits = jnp.einsum(
       "bld,dv->blv", x, self.unembed[...].astype(x.dtype), preferred_element_type=jnp.float32
     )
-    logits = sharding.constrain(logits, ("batch", "length", "act_vocab"))
+    logits = sharding.constrain(logits, ("batch", "length", "act_vocab"), self.rules)
     return logits, {"losses": losses, "metrics": metrics}

@@ -10,7 +10,7 @@ priority order, overflow dropped), with the exchange written out instead of left
 
 Design choices:
 - Fixed-capacity exchange with `jax.lax.all_to_all`: the portable path (XLA:CPU has no
-  `ragged_all_to_all`, FACTS.md). Bytes per exchange per shard: g * E * C * D elements, i.e.
+  `ragged_all_to_all`). Bytes per exchange per shard: g * E * C * D elements, i.e.
   the capacity slack is also sent. A ragged exchange (GPU/TPU) is not implemented here.
 - Mesh axes come from the sharding rules: experts on rules["expert"] (one axis, X devices),
   groups on rules["batch"] (which must include it).
@@ -26,7 +26,6 @@ X expert-axis size, g groups on one shard.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,7 @@ from jax.sharding import PartitionSpec as P
 from moejax import sharding
 from moejax.ops import capacity as capacity_ops
 from moejax.ops import dropless
-
-if TYPE_CHECKING:
-  from moejax.model.routers import base
+from moejax.ops import routing as routing_lib
 
 
 def _expert_rows_ffn(buf_gecd, weights):
@@ -51,8 +48,21 @@ def _expert_rows_ffn(buf_gecd, weights):
   return jnp.swapaxes(y_end.reshape(e, g, c, d), 0, 1)
 
 
-def _local_moe(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, w_in, w_gate, w_out, *,
-               activation, expert_axis: str, num_experts: int, capacity: int):  # fmt: skip
+def _local_moe(
+  x_gsd,
+  token_gn,
+  expert_gn,
+  weight_gn,
+  valid_gn,
+  w_in,
+  w_gate,
+  w_out,
+  *,
+  activation,
+  expert_axis: str,
+  num_experts: int,
+  capacity: int,
+):
   """Body of the shard_map, on one device's groups and local experts."""
   num_tokens = x_gsd.shape[1]
   slot_gn, kept_gn = jax.vmap(
@@ -72,8 +82,15 @@ def _local_moe(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, w_in, w_gate, w_
   return y_gsd.astype(x_gsd.dtype), kept_gn
 
 
-def all_to_all_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, num_experts: int,
-                   capacity: int):  # fmt: skip
+def all_to_all_moe(
+  x_gsd: jax.Array,
+  routing: routing_lib.SparseRouting,
+  experts,
+  *,
+  num_experts: int,
+  capacity: int,
+  rules: sharding.Rules | None = None,
+):
   """The `all_to_all` dispatch (same contract and results as `capacity.capacity_moe`).
 
   Args:
@@ -82,16 +99,16 @@ def all_to_all_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, nu
     experts: the ExpertBank (its `weights()` are used directly).
     num_experts: E, divisible by the 'expert' axis size.
     capacity: C, slots per expert per group.
+    rules: sharding rules; the mesh is the context mesh (`jax.set_mesh`). None: no exchange.
 
   Returns:
     y_gsd in x's dtype, and stats {"dropped_fraction": float32 scalar}.
   """
-  active = sharding.active()
-  mesh, rules = active if active is not None else (None, {})
-  expert_axes = tuple(a for a in rules.get("expert", ()) if mesh.shape[a] > 1)
+  mesh = None if rules is None else sharding.context_mesh()
+  expert_axes = () if mesh is None else tuple(a for a in rules["expert"] if mesh.shape[a] > 1)
   if not expert_axes:  # no mesh, or experts not split: the same function without exchange
     return capacity_ops.capacity_moe(
-      x_gsd, routing, experts, num_experts=num_experts, capacity=capacity
+      x_gsd, routing, experts, num_experts=num_experts, capacity=capacity, rules=rules
     )
   if len(expert_axes) > 1:
     raise ValueError(f"dispatch 'all_to_all' needs experts on one mesh axis, got {expert_axes}")
@@ -110,14 +127,25 @@ def all_to_all_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, nu
   w_gate = None if weights["w_gate"] is None else weights["w_gate"].astype(dtype)
   g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(expert_axes[0], None, None)
   body = functools.partial(
-    _local_moe, activation=weights["activation"], expert_axis=expert_axes[0],
-    num_experts=num_experts, capacity=capacity,
-  )  # fmt: skip
+    _local_moe,
+    activation=weights["activation"],
+    expert_axis=expert_axes[0],
+    num_experts=num_experts,
+    capacity=capacity,
+  )
   y_gsd, kept_gn = jax.shard_map(
     body,
     mesh=mesh,
     in_specs=(g3, g2, g2, g2, g2, w3, None if w_gate is None else w3, w3),
     out_specs=(g3, g2),
-  )(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight, routing.valid,
-    w_in, w_gate, w_out)  # fmt: skip
+  )(
+    x_gsd,
+    routing.token_index,
+    routing.expert_index,
+    routing.combine_weight,
+    routing.valid,
+    w_in,
+    w_gate,
+    w_out,
+  )
   return y_gsd, {"dropped_fraction": capacity_ops.dropped_fraction(routing.valid, kept_gn)}

@@ -44,18 +44,7 @@ Design choices:
 - fairseq's BASE solver (eps = range/50, ~100 rounds, approximate greedy finish) inspired the
   capped auction plus finish; here eps is scaled down and the finish is exact.
 
-Measured (float32; exact reference: Hungarian algorithm on the slot-expanded S x S matrix, as in
-tests/test_base_layers.py), default num_iterations=100:
-- S in {16, 32, 64} x E in {4, 8, 16}, Gaussian and rank-8 scores (540 problems), and problems
-  whose S tokens are drawn with repetition from 2..S distinct rows (S x E in {16 x 8, 64 x 16,
-  256 x 16}, 220 problems): optimal on every one (also with 20 rounds, except 6 of the 256 x 16
-  ones with 2 or 4 distinct rows: relative gap <= 4e-3).
-- S=1024, E=64, 6 Gaussian and rank-8 problems: optimal on all. Before cycle cancelling the
-  relative gap (OPT - total) / |OPT| is at most 2.4e-3 after 25 auction rounds, 1.3e-3 after 50,
-  1.5e-3 after 100 (the rounds are split over the phases); cancelling then takes 0-9 steps
-  (47-169 from the greedy repair alone). Time on this 2-core CPU, jitted: ~23 ms at the default
-  100 (0.25 ms per round, ~0.3 ms per cancelling step), ~12 ms at 25; S=1024, E=8 ~4 ms; 16 x 8
-  and 64 x 16 < 1 ms.
+Optimality and time measurements: docs/PERFORMANCE.md (BASE solver).
 """
 
 from __future__ import annotations
@@ -116,7 +105,7 @@ def _bid_round(a_se, price_eq, holder_eq, eps):
   bidding_s = _holders_to_experts(holder_eq, num_tokens) < 0
   value_se = a_se - jnp.min(price_eq, axis=1)[None, :]
   # Best and second-best value by max/argmax: on CPU, slicing lax.top_k's indices makes XLA
-  # replace its fast TopK kernel by a full sort (~25x slower at S=1024, E=64).
+  # replace its fast TopK kernel by a full sort (much slower at S=1024, E=64).
   best_se = _one_hot_rows(jnp.argmax(value_se, axis=1).astype(jnp.int32), num_experts)
   v2_s = jnp.max(jnp.where(best_se, -jnp.inf, value_se), axis=1)
   bid_s = jnp.sum(jnp.where(best_se, a_se, 0.0), axis=1) - v2_s + eps

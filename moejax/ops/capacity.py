@@ -23,15 +23,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from moejax import sharding
-
-if TYPE_CHECKING:
-  from moejax.model.routers import base
+from moejax.ops import routing as routing_lib
 
 BUFFER_AXES = ("group", "act_expert", "capacity", "act_embed")
 
@@ -170,11 +167,12 @@ def dropped_fraction(valid_n: jax.Array, kept_n: jax.Array) -> jax.Array:
 
 def capacity_moe(
   x_gsd: jax.Array,
-  routing: base.SparseRouting,
+  routing: routing_lib.SparseRouting,
   expert_fn: Callable[[jax.Array], jax.Array],
   *,
   num_experts: int,
   capacity: int,
+  rules: sharding.Rules | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Dispatches all groups into [G, E, C, D] buffers, runs the experts, combines back.
 
@@ -185,6 +183,7 @@ def capacity_moe(
       read slice [:, e].
     num_experts: E.
     capacity: C, slots per expert per group.
+    rules: sharding rules for the buffer constraints (None: no constraint).
 
   Returns:
     y_gsd: [G, S, D] in x's dtype, the weighted sum of each token's expert outputs (zero for
@@ -199,11 +198,11 @@ def capacity_moe(
     x_gsd, routing.token_index, routing.expert_index, slot_gn, kept_gn
   )
   # Groups stay on the data axes and experts move to the expert axis: the all-to-all.
-  buf_gecd = sharding.constrain(buf_gecd, BUFFER_AXES)
+  buf_gecd = sharding.constrain(buf_gecd, BUFFER_AXES, rules)
   out_gecd = expert_fn(buf_gecd)
   if out_gecd.shape != buf_gecd.shape:
     raise ValueError(f"expert_fn returned {out_gecd.shape}, expected {buf_gecd.shape}")
-  out_gecd = sharding.constrain(out_gecd, BUFFER_AXES)
+  out_gecd = sharding.constrain(out_gecd, BUFFER_AXES, rules)
   y_gsd = jax.vmap(functools.partial(combine, num_tokens=num_tokens))(
     out_gecd, routing.token_index, routing.expert_index, slot_gn, kept_gn, routing.combine_weight
   )

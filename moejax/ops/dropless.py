@@ -12,7 +12,7 @@ grouped matmul. Two grouped matmuls, picked per backend by measurement (docs/PER
   accumulates the weight gradient in place per block, instead of the full-size zero + add that
   differentiating a dynamic slice inside a scan would build each step.
 - "ragged_dot" (GPU/TPU default): pairs sorted by expert and `jax.lax.ragged_dot` with the
-  per-expert counts. XLA:CPU lowers it to a masked dense matmul over all E experts (FACTS.md),
+  per-expert counts. XLA:CPU lowers it to a masked dense matmul over all E experts,
   so it costs ~E x the active FLOPs there; accelerators have grouped-matmul kernels.
 
 Shapes: G groups, S tokens per group, D d_model, F expert hidden, E experts, N pairs per group,
@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
-
-if TYPE_CHECKING:
-  from moejax.model.routers import base
+from moejax.ops import routing as routing_lib
 
 GROUPED_MATMULS = ("blocked", "ragged_dot")
 
@@ -45,10 +42,9 @@ def default_grouped_matmul(backend: str | None = None) -> str:
 def block_rows(num_pairs: int, num_experts: int) -> int:
   """Rows per block b: about half the mean rows per expert, a power of two in [16, 128].
 
-  Each block reads its expert's weights once, so tiny blocks are memory bound (measured at
-  E 128, 4096 pairs, D 256, F 1024, fwd+bwd on CPU: b 8 / 32 / 64 = 2151 / 1876 / 1813 ms);
-  big blocks waste up to b - 1 padded rows per expert (E * b / 2 on average). Static: a
-  function of the shapes only.
+  Each block reads its expert's weights once, so tiny blocks are memory bound (block sizes
+  measured in docs/PERFORMANCE.md); big blocks waste up to b - 1 padded rows per expert
+  (E * b / 2 on average). Static: a function of the shapes only.
   """
   target = max(1.0, num_pairs / num_experts / 2)
   return int(min(128, max(16, 2 ** math.floor(math.log2(target)))))
@@ -188,8 +184,17 @@ def grouped_ffn(x_rd, weights: dict, matmul) -> jax.Array:
   return matmul(h_rf, weights["w_out"].astype(dtype))
 
 
-def dropless_pairs(x_td, token_m, expert_m, weight_m, valid_m, weights: dict, *,
-                   num_experts: int, grouped_matmul: str | None = None):  # fmt: skip
+def dropless_pairs(
+  x_td,
+  token_m,
+  expert_m,
+  weight_m,
+  valid_m,
+  weights: dict,
+  *,
+  num_experts: int,
+  grouped_matmul: str | None = None,
+):
   """y_t = sum over valid pairs m of token t: weight_m * expert_{e_m}(x_t), every pair computed.
 
   Args:
@@ -229,8 +234,16 @@ def dropless_pairs(x_td, token_m, expert_m, weight_m, valid_m, weights: dict, *,
   return jnp.zeros((num_tokens, dim), jnp.float32).at[token_m].add(contrib_md)
 
 
-def dropless_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, num_experts: int,
-                 capacity: int | None = None, grouped_matmul: str | None = None):  # fmt: skip
+def dropless_moe(
+  x_gsd: jax.Array,
+  routing: routing_lib.SparseRouting,
+  experts,
+  *,
+  num_experts: int,
+  capacity: int | None = None,
+  grouped_matmul: str | None = None,
+  rules: sharding.Rules | None = None,
+):
   """The `dropless` dispatch (same contract as `capacity.capacity_moe`; `capacity` is unused).
 
   Args:
@@ -240,22 +253,22 @@ def dropless_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, num_
     num_experts: E.
     capacity: ignored (no token is dropped); accepted so every dispatch has one signature.
     grouped_matmul: see `dropless_pairs`.
+    rules: sharding rules; the mesh is the context mesh (`jax.set_mesh`). None: one device.
 
   Returns:
     y_gsd in x's dtype, and stats {"dropped_fraction": 0.0}.
   """
   del capacity
   weights = experts.weights()
-  active = sharding.active()
   # Groups are whole on a device: split over the mesh axes that split the batch.
-  group_axes = () if active is None else active[1]["batch"]
-  shards = 1 if active is None else sharding.axes_size(active[0], group_axes)
+  group_axes = () if rules is None else rules["batch"]
+  shards = 1 if rules is None else sharding.axes_size(sharding.context_mesh(), group_axes)
   local = functools.partial(
     _dropless_groups, num_experts=num_experts, grouped_matmul=grouped_matmul
   )
+  pair_arrays = (routing.token_index, routing.expert_index, routing.combine_weight, routing.valid)
   if shards == 1 or x_gsd.shape[0] % shards:
-    y_gsd = local(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight,
-                  routing.valid, weights)  # fmt: skip
+    y_gsd = local(x_gsd, *pair_arrays, weights)
   else:
     # Each device pools its own groups; the weights enter whole (all-gathered over any axis
     # that shards them: dropless has no expert-parallel exchange, see the module docstring).
@@ -263,24 +276,28 @@ def dropless_moe(x_gsd: jax.Array, routing: base.SparseRouting, experts, *, num_
     arrays = {k: v for k, v in weights.items() if k != "activation"}
     y_gsd = jax.shard_map(
       lambda *a: local(*a[:5], {**a[5], "activation": weights["activation"]}),
-      mesh=active[0],
       in_specs=(g3, g2, g2, g2, g2, {k: None if v is None else P() for k, v in arrays.items()}),
       out_specs=g3,
       check_vma=False,  # the blocked scan's lax.cond mixes per-device and replicated values
-    )(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight, routing.valid,
-      arrays)  # fmt: skip
+    )(x_gsd, *pair_arrays, arrays)
   stats = {"dropped_fraction": jnp.zeros((), jnp.float32)}
   return y_gsd.astype(x_gsd.dtype), stats
 
 
-def _dropless_groups(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, weights, *,
-                     num_experts, grouped_matmul):  # fmt: skip
+def _dropless_groups(
+  x_gsd, token_gn, expert_gn, weight_gn, valid_gn, weights, *, num_experts, grouped_matmul
+):
   """`dropless_pairs` on pooled groups: pair (g, n) refers to pooled token g * S + token."""
   num_groups, num_tokens, dim = x_gsd.shape
   offset_g1 = (jnp.arange(num_groups, dtype=jnp.int32) * num_tokens)[:, None]
   y_td = dropless_pairs(
-      x_gsd.reshape(-1, dim), (token_gn + offset_g1).reshape(-1), expert_gn.reshape(-1),
-      weight_gn.reshape(-1), valid_gn.reshape(-1), weights, num_experts=num_experts,
-      grouped_matmul=grouped_matmul,
-  )  # fmt: skip
+    x_gsd.reshape(-1, dim),
+    (token_gn + offset_g1).reshape(-1),
+    expert_gn.reshape(-1),
+    weight_gn.reshape(-1),
+    valid_gn.reshape(-1),
+    weights,
+    num_experts=num_experts,
+    grouped_matmul=grouped_matmul,
+  )
   return y_td.reshape(x_gsd.shape)

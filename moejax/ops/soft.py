@@ -21,6 +21,7 @@ def soft_moe(
   expert_fn: Callable[[jax.Array], jax.Array],
   *,
   num_experts: int,
+  rules: sharding.Rules | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs the experts on soft slots.
 
@@ -29,6 +30,7 @@ def soft_moe(
     routing: a SoftRouting with dispatch_weights / combine_weights [G, S, E*P].
     expert_fn: [G, E, P, D] -> [G, E, P, D], expert e on its P slots.
     num_experts: E.
+    rules: sharding rules for the slot buffers (None: no constraint).
 
   Returns:
     (y [G, S, D] in x's dtype, metrics {}).
@@ -40,9 +42,9 @@ def soft_moe(
   dtype = x_gsd.dtype
   slots_gnd = jnp.einsum("gsn,gsd->gnd", routing.dispatch_weights.astype(dtype), x_gsd)
   slots_gepd = sharding.constrain(
-    slots_gnd.reshape(g, num_experts, n // num_experts, d), BUFFER_AXES
+    slots_gnd.reshape(g, num_experts, n // num_experts, d), BUFFER_AXES, rules
   )
-  out_gepd = sharding.constrain(expert_fn(slots_gepd), BUFFER_AXES)
+  out_gepd = sharding.constrain(expert_fn(slots_gepd), BUFFER_AXES, rules)
   y_gsd = jnp.einsum(
     "gsn,gnd->gsd",
     routing.combine_weights.astype(jnp.float32),

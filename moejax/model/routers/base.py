@@ -1,81 +1,140 @@
-"""The routing contract: what every router returns and every dispatch consumes.
+"""The router seam: the base class of every router family and the helpers they share.
 
-Dimension alphabet used across moejax (declared once, used in shapes and einsums):
-  B batch, L length, D d_model (embed), F expert hidden, E experts, C capacity per expert,
-  K experts per token, G routing groups, S tokens per group, N (token, expert) pairs,
-  P slots per expert (Soft MoE), V vocab, H heads.
-
-Routing is computed per group of S tokens. The pure routing functions work on ONE group; the
-router modules vmap them over the G groups, so array fields gain a leading G axis, while
-`aux_losses` and `metrics` are averaged over groups by `average_over_groups`.
+A router family is one file in this package: the pure routing function of one group first, then
+an `Options` dataclass (its config keys, `model.moe.<name>.<field>`), then the NNX module that
+owns its parameters, registered by name with `@registry.register`. Everything the rest of moejax
+needs to know about a family is declared on its class:
+- `Options`: a frozen dataclass; field defaults are the config defaults; `__post_init__` checks
+  the values (messages start with `field=value`). Every loss in `AUX_LOSSES` has a float option
+  `<loss>_weight`: the train step adds weight * loss.
+- `check(options, moe)`: settings the family cannot route with (raises `errors.ConfigError`).
+- `capacity(S, capacity_factor)`: slots per expert per group for the capacity dispatches.
+- `causal_in_sequence(options, moe)`: whether a token's output is independent of later tokens of
+  its routing group with the 'sequence' layout (validation refuses a non-causal decoder).
+- `READS_EXPERT_WEIGHTS`: the layer passes `experts=` (its ExpertBank) to `__call__`.
+- `decode_refusal(options, moe)`: why KV-cache decoding (groups of one new token with the
+  'sequence' layout) cannot work for this family, or None.
+- `upcycle_refusal(options, noise)`: why sparse upcycling from exact copies cannot work.
+- Instances keep their options as `self.options`.
+The routing types themselves (`SparseRouting`, `SoftRouting`) live in `moejax/ops/routing.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.ops import capacity as capacity_lib
+from moejax.ops import routing as routing_lib
+from moejax.ops.routing import SoftRouting, SparseRouting  # noqa: F401 - re-exported for routers
+
+average_over_groups = routing_lib.average_over_groups
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SparseRouting:
-  """A static-length list of (token, expert, weight) pairs for one routing group.
+class MoESettings:
+  """The `model.moe` values every router may read (static, hashable)."""
 
-  Pair order is the dispatch priority: when an expert's capacity runs out, earlier pairs keep
-  their slot and later pairs are dropped (for token choice: all first choices in token order,
-  then all second choices, ...).
+  num_experts: int
+  top_k: int
+  group_size: int
+  group_layout: str = "sequence"
+  dispatch: str = "capacity"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
 
-  Attributes:
-    token_index: int32[N] token position in the group, in [0, S).
-    expert_index: int32[N] expert id, in [0, E).
-    combine_weight: float32[N] weight of the expert output for that token.
-    valid: bool[N] False for pairs that claim nothing (padding, randomly dropped choices).
-    aux_losses: name -> float32 scalar, unweighted; the train step applies configured weights.
-    metrics: name -> float32 array, for logging only (e.g. per-expert load [E]).
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+  """The options of a family that has none."""
+
+
+class Router(nnx.Module):
+  """Base class of the router families (see the module docstring for the contract)."""
+
+  NAME: ClassVar[str] = ""  # set by registry.register
+  Options: ClassVar[type] = NoOptions
+  AUX_LOSSES: ClassVar[tuple[str, ...]] = ()
+  READS_EXPERT_WEIGHTS: ClassVar[bool] = False
+
+  @classmethod
+  def check(cls, options, moe: MoESettings) -> None:
+    """Raises errors.ConfigError for settings this family cannot route with."""
+    del options, moe
+
+  @classmethod
+  def causal_in_sequence(cls, options, moe: MoESettings) -> bool:
+    """Whether outputs never depend on later tokens of the group (default: no, be safe)."""
+    del options, moe
+    return False
+
+  @classmethod
+  def decode_refusal(cls, options, moe: MoESettings) -> str | None:
+    """A one-line reason why groups of one new token cannot be routed, or None."""
+    del options, moe
+    return None
+
+  @classmethod
+  def upcycle_refusal(cls, options, noise: float) -> str | None:
+    """Why experts started as copies of one dense MLP (relative noise `noise`) cannot
+    specialise under this family, or None (moejax/upcycle.py)."""
+    del options, noise
+    return None
+
+  @classmethod
+  def loss_weights(cls, options) -> dict[str, float]:
+    """{loss name: weight} from the `<loss>_weight` options."""
+    return {name: float(getattr(options, f"{name}_weight")) for name in cls.AUX_LOSSES}
+
+  @classmethod
+  def make(cls, *, d_model: int, rngs: nnx.Rngs, **values) -> Router:
+    """Builds a router from keyword values: MoESettings fields and the family's options.
+
+    For tests and notebooks: `TopKRouter.make(d_model=8, num_experts=4, top_k=2, rngs=rngs,
+    jitter_eps=0.1)`; unset settings take the MoESettings defaults (group_size 1).
+    """
+    setting_names = {f.name for f in dataclasses.fields(MoESettings)}
+    settings = {k: v for k, v in values.items() if k in setting_names}
+    options = cls.Options(**{k: v for k, v in values.items() if k not in setting_names})
+    moe = MoESettings(**{"group_size": 1, **settings})
+    return cls(d_model=d_model, moe=moe, options=options, rngs=rngs)
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    """Slots per expert per group for the capacity dispatches."""
+    raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
+
+
+class TokenChoiceRouter(Router):
+  """Base of the families where each token picks its top_k experts.
+
+  Capacity ceil(cf * S * k / E). Causal in a sequence for k = 1, or with the dropless dispatch
+  (no capacity competition). For k > 1 with capacity, all first choices precede all second
+  choices, so a later token's first choice can push out an earlier token's second choice.
   """
 
-  token_index: jax.Array
-  expert_index: jax.Array
-  combine_weight: jax.Array
-  valid: jax.Array
-  aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  num_experts: int
+  top_k: int
 
-  @property
-  def num_pairs(self) -> int:
-    return self.token_index.shape[-1]
+  @classmethod
+  def causal_in_sequence(cls, options, moe: MoESettings) -> bool:
+    del options
+    return moe.top_k == 1 or moe.dispatch == "dropless"
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SoftRouting:
-  """Soft MoE routing for one group: every slot is a convex mix of tokens and back.
-
-  Attributes:
-    dispatch_weights: float32[S, E*P], softmax over tokens (axis 0) for each slot.
-    combine_weights: float32[S, E*P], softmax over slots (axis 1) for each token.
-  """
-
-  dispatch_weights: jax.Array
-  combine_weights: jax.Array
-  aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    return capacity_lib.token_choice_capacity(
+      num_tokens, self.num_experts, self.top_k, capacity_factor
+    )
 
 
-Routing = SparseRouting | SoftRouting
-
-
-def average_over_groups(routing: Routing) -> Routing:
-  """Averages the leading G axis of aux losses and metrics produced by vmapping over groups."""
-  mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
-  return dataclasses.replace(
-    routing, aux_losses=mean(routing.aux_losses), metrics=mean(routing.metrics)
-  )
+def check_top_k(top_k: int, num_experts: int) -> None:
+  """ValueError unless 1 <= top_k <= num_experts (an argument check of the pure functions)."""
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
 
 
 def router_kernel(rngs: nnx.Rngs, d_model: int, num_experts: int, init_std: float) -> nnx.Param:
@@ -84,20 +143,31 @@ def router_kernel(rngs: nnx.Rngs, d_model: int, num_experts: int, init_std: floa
   return nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32), axes=("embed", None))
 
 
-def check_top_k(top_k: int, num_experts: int) -> None:
-  """ValueError unless 1 <= top_k <= num_experts."""
-  if not 1 <= top_k <= num_experts:
-    raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+def router_logits(x_gsd: jax.Array, kernel_de: jax.Array) -> jax.Array:
+  """float32 [G, S, E] = x W, in true float32 (HIGHEST: not bf16/TF32 where that is default)."""
+  return jnp.einsum(
+    "gsd,de->gse",
+    x_gsd.astype(jnp.float32),
+    kernel_de.astype(jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
 
 
-class TokenChoiceRouter(nnx.Module):
-  """Base of the routers where each token picks its top_k experts (sets num_experts, top_k)."""
+def route_groups(route: Callable, *per_group: jax.Array, rng: jax.Array | None = None):
+  """vmaps `route(*arrays_of_one_group[, rng=key])` over the leading G axis, averages losses.
 
-  num_experts: int
-  top_k: int
+  With `rng`, each group gets its own key (split from `rng`) as the keyword argument `rng`.
+  """
+  if rng is None:
+    routing = jax.vmap(route)(*per_group)
+  else:
+    keys = jax.random.split(rng, per_group[0].shape[0])
+    routing = jax.vmap(lambda *a: route(*a[:-1], rng=a[-1]))(*per_group, keys)
+  return average_over_groups(routing)
 
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(capacity_factor * S * k / E)."""
-    return capacity_lib.token_choice_capacity(
-      num_tokens, self.num_experts, self.top_k, capacity_factor
-    )
+
+def need_rng(rng: jax.Array | None, why: str) -> jax.Array:
+  """`rng`, or a ValueError naming what needed it (a caller bug, not a user error)."""
+  if rng is None:
+    raise ValueError(f"{why} needs an rng to train")
+  return rng

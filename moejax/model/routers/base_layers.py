@@ -35,14 +35,15 @@ Design choices:
   and fairseq's random shuffling of tokens across workers before routing is not done; centroids
   start normal(init_std) like the other moejax routers (fairseq: orthogonal, gain 0.1).
 - The solver is vmapped over the G groups; its loops run until the slowest group is done, so a
-  step costs up to `num_iterations` auction rounds and cancelling steps (measured: ~23 ms for
-  one S=1024, E=64 group at 100 on 2 CPU cores; < 1 ms for the tiny recipe's 16 x 8 groups).
+  step costs up to `num_iterations` auction rounds and cancelling steps (timings:
+  docs/PERFORMANCE.md).
 - NOT causal within a sequence: a token's expert depends on every token of its group. In a
   decoder use model.moe.group_layout='position' (docs/causality.md). S must be a multiple of E.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -50,7 +51,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax import errors
+from moejax.model.routers import base, registry
 from moejax.ops import balanced_assignment
 
 
@@ -123,45 +125,65 @@ def route_base(logits_se: jax.Array, *, train: bool, num_iterations: int) -> bas
   )
 
 
-class BaseLayersRouter(nnx.Module):
+@dataclasses.dataclass(frozen=True)
+class BaseOptions:
+  """Options of the `base` family (`model.moe.base.*`).
+
+  Attributes:
+    num_iterations: cap on the solver's auction rounds and cycle-cancelling steps.
+    init_std: standard deviation of the normal centroid init.
+  """
+
+  num_iterations: int = 100
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.num_iterations < 0:
+      raise ValueError(f"num_iterations={self.num_iterations}: must be >= 0")
+
+
+@registry.register("base")
+class BaseLayersRouter(base.Router):
   """Expert centroids + balanced assignment (training) / greedy top-1 (evaluation)."""
 
-  CONFIG_OPTIONS = {"num_iterations": "assignment_iterations", "init_std": "router_init_std"}
+  Options = BaseOptions
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+  def check(cls, options: BaseOptions, moe: base.MoESettings) -> None:
+    if moe.top_k != 1:
+      raise errors.ConfigError(
+        f"model.moe.router='base' assigns exactly one expert per token; set model.moe.top_k=1 "
+        f"(got {moe.top_k})"
+      )
+    if moe.group_size % moe.num_experts:
+      raise errors.ConfigError(
+        f"model.moe.router='base' needs model.moe.group_size={moe.group_size} to be a multiple "
+        f"of model.moe.num_experts={moe.num_experts} (exactly S/E tokens per expert)"
+      )
+
+  @classmethod
+  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
     """Never: a token's expert depends on the affinities of every token of its group."""
-    del top_k, options
     return False
 
-  def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    num_iterations: int = 100,
-    init_std: float = 0.02,
-  ):
-    """Builds the router.
+  @classmethod
+  def decode_refusal(cls, options, moe: base.MoESettings) -> str | None:
+    if moe.group_layout == "sequence":
+      return (
+        "generation with router 'base' needs model.moe.group_layout='position' (its groups "
+        "must hold a multiple of num_experts tokens; one new token per sequence does not)"
+      )
+    return None
 
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: must be 1 (BASE assigns one expert per token).
-      rngs: provides the `params` stream for the centroid init.
-      num_iterations: cap on the solver's auction rounds and cycle-cancelling steps.
-      init_std: standard deviation of the normal centroid init.
-    """
-    if top_k != 1:
-      raise ValueError(f"BASE layers assign exactly one expert per token; got {top_k=}")
-    if num_iterations < 0:
-      raise ValueError(f"{num_iterations=} must be >= 0")
-    self.num_experts = num_experts
-    self.num_iterations = num_iterations
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: BaseOptions, rngs: nnx.Rngs):
+    """Builds the router: centroids [D, E] (`rngs.params`) and the options."""
+    if moe.top_k != 1:
+      raise ValueError(f"BASE layers assign exactly one expert per token; got {moe.top_k=}")
+    self.options = options
+    self.num_experts = moe.num_experts
+    self.num_iterations = options.num_iterations
     # Shape: [D, E], column e = centroid w_e.
-    self.centroids = base.router_kernel(rngs, d_model, num_experts, init_std)
+    self.centroids = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group: ceil(cf * S / E) clipped to [S/E, S] (see module docstring)."""
@@ -185,14 +207,7 @@ class BaseLayersRouter(nnx.Module):
     if num_tokens % self.num_experts:
       raise ValueError(
         f"BASE layers need the routing group size {num_tokens} to be a multiple of "
-        f"num_experts={self.num_experts}; change model.moe.group_size"
+        f"num_experts={self.num_experts}"
       )
-    # HIGHEST: keep the affinity matmul in true float32 where the default would use bf16/TF32.
-    logits_gse = jnp.einsum(
-      "gsd,de->gse",
-      x_gsd.astype(jnp.float32),
-      self.centroids[...],
-      precision=jax.lax.Precision.HIGHEST,
-    )
     route = functools.partial(route_base, train=train, num_iterations=self.num_iterations)
-    return base.average_over_groups(jax.vmap(route)(logits_gse))
+    return base.route_groups(route, base.router_logits(x_gsd, self.centroids[...]))

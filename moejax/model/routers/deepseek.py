@@ -26,8 +26,9 @@ Design choices:
   a group of one expert is scored by that expert alone.
 - Pair order is choice-rank-major like `TopKRouter` (all first choices, then all second ...), so
   with capacity dispatch and k>1 a later token's first choice can displace an earlier token's
-  second choice: causal within a sequence only for k=1. The bias update uses the batch's load but
-  only changes later steps, so it does not break causality within a step.
+  second choice: causal within a sequence only for k=1 or with the dropless dispatch. The bias
+  update uses the batch's load but only changes later steps, so it does not break causality
+  within a step.
 - Deviation: DeepSeek is dropless; moejax's `capacity` dispatch is not, so
   `capacity(S, cf) = ceil(cf * S * k / E)` as in top-k: use a generous capacity factor
   (configs/deepseek_moe.py uses 2.0) or `model.moe.dispatch='dropless'`.
@@ -35,7 +36,7 @@ Design choices:
   sequence: it equals the paper's loss when groups are sequences (group_layout 'sequence' with
   group_size = seq_len); with group_layout 'position' it balances the sequences at one position.
   `sequence_balance_loss` = sum_i f_i P_i with f_i = E/(k S) * (choices of expert i) and
-  P_i = mean over tokens of s_i / sum_j s_j; 1 at perfect balance; weight alpha (1e-4) in config.
+  P_i = mean over tokens of s_i / sum_j s_j; 1 at perfect balance; weight alpha (1e-4) an option.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax import errors
+from moejax.model.routers import base, registry
 
 
 class BalanceBias(nnx.Variable):
@@ -181,62 +183,64 @@ def bias_update(bias_e: jax.Array, expert_index: jax.Array, valid: jax.Array, ra
   return bias_e + rate * error_e, count_e
 
 
-class DeepSeekRouter(base.TokenChoiceRouter):
-  """Sigmoid gate + bias-balanced top-k (DeepSeek-V3) over G routing groups."""
+@dataclasses.dataclass(frozen=True)
+class DeepSeekOptions:
+  """Options of the `deepseek` family (`model.moe.deepseek.*`).
 
-  CONFIG_OPTIONS = {
-    "route_scale": "route_scale",
-    "bias_update_rate": "bias_update_rate",
-    "num_expert_groups": "num_expert_groups",
-    "top_expert_groups": "top_expert_groups",
-    "init_std": "router_init_std",
-  }
+  Shared experts are a layer option (model.moe.num_shared_experts), not the gate's.
+
+  Attributes:
+    route_scale: each token's k weights sum to this (DeepSeek-V3 671B: 2.5).
+    bias_update_rate: gamma of the bias update per training step (V3: 1e-3); 0 freezes b.
+    num_expert_groups: G_e, a divisor of E; 1 = no group-limited routing.
+    top_expert_groups: groups a token may route to when G_e > 1.
+    init_std: standard deviation of the normal kernel init.
+    sequence_balance_loss_weight: alpha of the sequence-wise balance loss (V3: 1e-4).
+  """
+
+  route_scale: float = 1.0
+  bias_update_rate: float = 1e-3
+  num_expert_groups: int = 1
+  top_expert_groups: int = 1
+  init_std: float = 0.02
+  sequence_balance_loss_weight: float = 1e-4
+
+  def __post_init__(self):
+    if self.route_scale <= 0:
+      raise ValueError(f"route_scale={self.route_scale}: must be > 0")
+    if self.bias_update_rate < 0:
+      raise ValueError(f"bias_update_rate={self.bias_update_rate}: must be >= 0")
+
+
+@registry.register("deepseek")
+class DeepSeekRouter(base.TokenChoiceRouter):
+  """Sigmoid gate + bias-balanced top-k (DeepSeek-V3) over G routing groups.
+
+  Causal as token-choice top-k (see base.TokenChoiceRouter); the bias update uses the whole
+  batch's load but only affects later steps.
+  """
+
+  Options = DeepSeekOptions
+  AUX_LOSSES = ("sequence_balance_loss",)
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
-    """k=1 only: with capacity dispatch all first choices precede second choices (see TopKRouter).
-    The bias update uses the whole batch's load but only affects later steps."""
-    del options
-    return top_k == 1
+  def check(cls, options: DeepSeekOptions, moe: base.MoESettings) -> None:
+    try:
+      _check_sizes(moe.num_experts, moe.top_k, options.num_expert_groups, options.top_expert_groups)
+    except ValueError as e:
+      raise errors.ConfigError(f"model.moe.router='deepseek': {e}") from None
 
   def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    route_scale: float = 1.0,
-    bias_update_rate: float = 1e-3,
-    num_expert_groups: int = 1,
-    top_expert_groups: int = 1,
-    init_std: float = 0.02,
+    self, *, d_model: int, moe: base.MoESettings, options: DeepSeekOptions, rngs: nnx.Rngs
   ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: k, experts per token.
-      rngs: provides the `params` stream for the kernel init.
-      route_scale: each token's k weights sum to this (DeepSeek-V3 671B: 2.5).
-      bias_update_rate: gamma of the bias update per training step (V3: 1e-3); 0 freezes b.
-      num_expert_groups: G_e, a divisor of E; 1 = no group-limited routing.
-      top_expert_groups: groups a token may route to when G_e > 1.
-      init_std: standard deviation of the normal kernel init.
-    """
-    _check_sizes(num_experts, top_k, num_expert_groups, top_expert_groups)
-    if route_scale <= 0 or bias_update_rate < 0:
-      raise ValueError(f"need {route_scale=} > 0 and {bias_update_rate=} >= 0")
-    self.num_experts = num_experts
-    self.top_k = top_k
-    self.route_scale = route_scale
-    self.bias_update_rate = bias_update_rate
-    self.num_expert_groups = num_expert_groups
-    self.top_expert_groups = top_expert_groups
-    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
+    """Builds the router: a float32 [D, E] kernel (`rngs.params`), the balance bias (zeros)."""
+    _check_sizes(moe.num_experts, moe.top_k, options.num_expert_groups, options.top_expert_groups)
+    self.num_experts = moe.num_experts
+    self.top_k = moe.top_k
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
     # Shape: [E]; replicated, float32, starts at 0 (plain top-k by affinity).
-    self.bias = BalanceBias(jnp.zeros((num_experts,), jnp.float32), axes=(None,))
+    self.bias = BalanceBias(jnp.zeros((moe.num_experts,), jnp.float32), axes=(None,))
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
@@ -254,24 +258,19 @@ class DeepSeekRouter(base.TokenChoiceRouter):
       (the busiest expert's share of the batch's choices over the mean share).
     """
     del rng
-    logits_gse = jnp.einsum(
-      "gsd,de->gse",
-      x_gsd.astype(jnp.float32),
-      self.kernel[...],
-      precision=jax.lax.Precision.HIGHEST,
-    )
+    opts = self.options
     bias_e = jax.lax.stop_gradient(self.bias[...])
     route = functools.partial(
       route_deepseek,
       bias_e=bias_e,
       top_k=self.top_k,
-      route_scale=self.route_scale,
-      num_expert_groups=self.num_expert_groups,
-      top_expert_groups=self.top_expert_groups,
+      route_scale=opts.route_scale,
+      num_expert_groups=opts.num_expert_groups,
+      top_expert_groups=opts.top_expert_groups,
     )
-    routing = base.average_over_groups(jax.vmap(route)(logits_gse))
+    routing = base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))
     new_bias_e, count_e = bias_update(
-      bias_e, routing.expert_index, routing.valid, self.bias_update_rate
+      bias_e, routing.expert_index, routing.valid, opts.bias_update_rate
     )
     if train:
       self.bias[...] = new_bias_e

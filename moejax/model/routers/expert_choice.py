@@ -17,14 +17,15 @@ Design choices:
 - No load-balancing loss (balanced by construction); the ST-MoE router z-loss is returned and
   applies when its configured weight is non-zero.
 - The router needs c at call time, but the call only says train or eval; so the router holds
-  both capacity factors (`capacity_factor`, `eval_capacity_factor` from the config) and the
-  MoE layer asks `capacity` with the same factor, which makes the two agree.
+  both capacity factors (model.moe.capacity_factor and eval_capacity_factor) and the MoE layer
+  asks `capacity` with the same factor, which makes the two agree.
 - NOT causal within a sequence: whether token t is taken depends on the later tokens of its
   group. In a decoder use model.moe.group_layout='position' (see docs/causality.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 
@@ -102,50 +103,43 @@ def route_expert_choice(logits_se: jax.Array, *, capacity: int) -> base.SparseRo
   )
 
 
-class ExpertChoiceRouter(nnx.Module):
+@dataclasses.dataclass(frozen=True)
+class ExpertChoiceOptions:
+  """Options of the `expert_choice` family (`model.moe.expert_choice.*`).
+
+  The tokens each expert takes come from model.moe.capacity_factor (training) and
+  model.moe.eval_capacity_factor: c = ceil(cf * S / E).
+
+  Attributes:
+    init_std: standard deviation of the normal kernel init.
+    router_z_loss_weight: weight of the ST-MoE router z-loss.
+  """
+
+  init_std: float = 0.02
+  router_z_loss_weight: float = 1e-3
+
+
+@registry.register("expert_choice")
+class ExpertChoiceRouter(base.Router):
   """Linear router + expert-choice selection over G groups."""
 
-  CONFIG_OPTIONS = {
-    "capacity_factor": "capacity_factor",
-    "eval_capacity_factor": "eval_capacity_factor",
-    "init_std": "router_init_std",
-  }
+  Options = ExpertChoiceOptions
+  AUX_LOSSES = ("router_z_loss",)
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
     """Never: an expert's choice of token t depends on how much the later tokens want it."""
-    del top_k, options
     return False
 
   def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    capacity_factor: float = 2.0,
-    eval_capacity_factor: float = 2.0,
-    init_std: float = 0.02,
+    self, *, d_model: int, moe: base.MoESettings, options: ExpertChoiceOptions, rngs: nnx.Rngs
   ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: unused (experts choose tokens; capacity_factor is the mean experts per token).
-      rngs: provides the `params` stream for the kernel init.
-      capacity_factor: c = ceil(cf * S / E) tokens per expert in training.
-      eval_capacity_factor: the same at evaluation.
-      init_std: standard deviation of the normal kernel init.
-    """
-    del top_k
-    if capacity_factor <= 0 or eval_capacity_factor <= 0:
-      raise ValueError(f"need {capacity_factor=} > 0 and {eval_capacity_factor=} > 0")
-    self.num_experts = num_experts
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor
-    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
+    """Builds the router; top_k is unused (capacity_factor is the mean experts per token)."""
+    self.options = options
+    self.num_experts = moe.num_experts
+    self.capacity_factor = moe.capacity_factor
+    self.eval_capacity_factor = moe.eval_capacity_factor
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group = tokens each expert takes: ceil(cf * S / E) in [1, S]."""
@@ -166,13 +160,5 @@ class ExpertChoiceRouter(nnx.Module):
     """
     del rng
     cf = self.capacity_factor if train else self.eval_capacity_factor
-    cap = self.capacity(x_gsd.shape[1], cf)
-    # HIGHEST: keep the router matmul in true float32 where the default would use bf16/TF32.
-    logits_gse = jnp.einsum(
-      "gsd,de->gse",
-      x_gsd.astype(jnp.float32),
-      self.kernel[...],
-      precision=jax.lax.Precision.HIGHEST,
-    )
-    route = functools.partial(route_expert_choice, capacity=cap)
-    return base.average_over_groups(jax.vmap(route)(logits_gse))
+    route = functools.partial(route_expert_choice, capacity=self.capacity(x_gsd.shape[1], cf))
+    return base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))

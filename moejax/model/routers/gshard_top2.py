@@ -28,6 +28,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax import errors
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 SECOND_EXPERT_POLICIES = ("random", "all")
@@ -124,59 +126,60 @@ def route_gshard_top2(
   )
 
 
-def _check_options(top_k: int, second_expert_policy: str) -> None:
-  if top_k != 2:
-    raise ValueError(f"the GShard router routes exactly 2 experts per token, got {top_k=}")
-  if second_expert_policy not in SECOND_EXPERT_POLICIES:
-    raise ValueError(f"{second_expert_policy=} is not one of {SECOND_EXPERT_POLICIES}")
+@dataclasses.dataclass(frozen=True)
+class GShardOptions:
+  """Options of the `gshard_top2` family (`model.moe.gshard_top2.*`).
+
+  Attributes:
+    second_expert_policy: "random" (random routing at training time, the paper) or "all".
+    init_std: standard deviation of the normal kernel init (small: near-uniform routing).
+    load_balance_loss_weight: weight of the paper's l_aux (first choices).
+    router_z_loss_weight: weight of the ST-MoE router z-loss (not in the paper; 0 turns it off).
+  """
+
+  second_expert_policy: str = "random"
+  init_std: float = 0.02
+  load_balance_loss_weight: float = 1e-2
+  router_z_loss_weight: float = 1e-3
+
+  def __post_init__(self):
+    if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
+      raise ValueError(
+        f"second_expert_policy={self.second_expert_policy!r} is not one of: "
+        f"{', '.join(SECOND_EXPERT_POLICIES)}"
+      )
 
 
-class GShardTop2Router(nnx.Module):
+@registry.register("gshard_top2")
+class GShardTop2Router(base.Router):
   """Linear router + GShard top-2 with random routing over G groups."""
 
-  CONFIG_OPTIONS = {
-    "second_expert_policy": "second_expert_policy",
-    "init_std": "router_init_std",
-  }
+  Options = GShardOptions
+  AUX_LOSSES = ("load_balance_loss", "router_z_loss")
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
-    """Never: all first choices precede all second choices, so a later token's first choice can
-    take the slot an earlier token's second choice would have had. Use group_layout 'position'.
+  def check(cls, options: GShardOptions, moe: base.MoESettings) -> None:
+    if moe.top_k != 2 or moe.num_experts < 2:
+      raise errors.ConfigError(
+        f"model.moe.router='gshard_top2' routes exactly 2 of at least 2 experts; got "
+        f"model.moe.top_k={moe.top_k}, model.moe.num_experts={moe.num_experts}"
+      )
 
-    Raises:
-      ValueError: top_k is not 2 or the second-expert policy is unknown.
-    """
-    _check_options(top_k, options.get("second_expert_policy", "random"))
+  @classmethod
+  def causal_in_sequence(cls, options: GShardOptions, moe: base.MoESettings) -> bool:
+    """Never: all first choices precede all second choices, so a later token's first choice can
+    take the slot an earlier token's second choice would have had. Use group_layout 'position'."""
     return False
 
   def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    second_expert_policy: str = "random",
-    init_std: float = 0.02,
+    self, *, d_model: int, moe: base.MoESettings, options: GShardOptions, rngs: nnx.Rngs
   ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E >= 2.
-      top_k: must be 2.
-      rngs: provides the `params` stream for the kernel init.
-      second_expert_policy: "random" (random routing at training time) or "all".
-      init_std: standard deviation of the normal kernel init (small: near-uniform routing).
-    """
-    _check_options(top_k, second_expert_policy)
-    if num_experts < 2:
-      raise ValueError(f"GShard top-2 routing needs at least 2 experts, got {num_experts=}")
-    self.num_experts = num_experts
-    self.top_k = top_k
-    self.second_expert_policy = second_expert_policy
-    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
+    """Builds the router: a float32 [D, E] kernel (`rngs.params`) and the options."""
+    if moe.top_k != 2 or moe.num_experts < 2:
+      raise ValueError(f"GShard routes 2 of >= 2 experts, got {moe.top_k=}, {moe.num_experts=}")
+    self.num_experts = moe.num_experts
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group: ceil(2 * ceil(S / E) * capacity_factor)."""
@@ -195,23 +198,10 @@ class GShardTop2Router(nnx.Module):
     Returns:
       SparseRouting with [G, N] array fields (N = 2S) and group-averaged losses and metrics.
     """
-    num_groups = x_gsd.shape[0]
-    # HIGHEST: keep the router matmul in true float32 where the default would use bf16/TF32.
-    logits_gse = jnp.einsum(
-      "gsd,de->gse",
-      x_gsd.astype(jnp.float32),
-      self.kernel[...],
-      precision=jax.lax.Precision.HIGHEST,
-    )
-    route = functools.partial(route_gshard_top2, second_expert_policy=self.second_expert_policy)
-    if train and self.second_expert_policy == "random":
-      if rng is None:
-        raise ValueError(
-          "GShardTop2Router with second_expert_policy='random' needs an rng to train"
-        )
-      routing = jax.vmap(lambda logits, key: route(logits, rng=key))(
-        logits_gse, jax.random.split(rng, num_groups)
-      )
-    else:
-      routing = jax.vmap(route)(logits_gse)
-    return base.average_over_groups(routing)
+    policy = self.options.second_expert_policy
+    route = functools.partial(route_gshard_top2, second_expert_policy=policy)
+    logits_gse = base.router_logits(x_gsd, self.kernel[...])
+    if train and policy == "random":
+      rng = base.need_rng(rng, "the gshard_top2 router with second_expert_policy='random'")
+      return base.route_groups(route, logits_gse, rng=rng)
+    return base.route_groups(route, logits_gse)

@@ -13,8 +13,8 @@ Design choices (details the paper leaves open are options, see CONFIG_OPTIONS):
   gradients flow, so routing also pushes the chosen experts to become sparser).
 - `learned_mix`: score = -Phi + learned_mix * (x W_r), mixing in a learned linear router
   (0 = pure MoE-X; the kernel exists either way so checkpoints keep one shape).
-- `balance_loss_weight`: scales the Switch load-balance loss returned (computed on softmax of the
-  scores over all experts); the global `aux_loss_weights` applies on top.
+- `load_balance_loss_weight`: weight of the Switch load-balance loss (computed on softmax of the
+  scores over all experts); 0 by default, as the paper's equations have no balance loss.
 - Metric `score_l0_rank_corr`: per token, the Spearman correlation across experts between the
   score and the true fraction of positive pre-activations, averaged over tokens (the paper's
   Fig. 9 shows it negative). It evaluates every expert's encoder on every token (E/k x the routed
@@ -27,11 +27,13 @@ Letters: g groups, s tokens, d d_model, e experts, f expert hidden.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 _HI = jax.lax.Precision.HIGHEST
@@ -92,47 +94,62 @@ def route_scores(score_se: jax.Array, *, top_k: int) -> base.SparseRouting:
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEXOptions:
+  """Options of the `moex` family (`model.moe.moex.*`).
+
+  Attributes:
+    stop_gradient_stats: no gradient through the encoder statistics into W_in.
+    learned_mix: score = -Phi + learned_mix * (x W_r) (0 = pure MoE-X).
+    log_l0_correlation: the evaluation metric score_l0_rank_corr (costs E/k x encoder FLOPs).
+    init_std: standard deviation of the normal kernel init of W_r.
+    load_balance_loss_weight: weight of the Switch load-balance loss on softmax(scores); 0 as in
+      the paper's equations.
+  """
+
+  stop_gradient_stats: bool = False
+  learned_mix: float = 0.0
+  log_l0_correlation: bool = True
+  init_std: float = 0.02
+  load_balance_loss_weight: float = 0.0
+
+
+@registry.register("moex")
 class MoEXRouter(base.TokenChoiceRouter):
   """Sparsity-aware top-k routing from the experts' encoder statistics (needs the expert bank)."""
 
-  USES_EXPERT_WEIGHTS = True  # MoELayer passes `experts=` to __call__
-  CONFIG_OPTIONS = {
-    "stop_gradient_stats": "moex_stop_gradient_stats",
-    "learned_mix": "moex_learned_mix",
-    "balance_loss_weight": "moex_balance_loss_weight",
-    "log_l0_correlation": "moex_log_l0_correlation",
-    "init_std": "router_init_std",
-  }
+  Options = MoEXOptions
+  AUX_LOSSES = ("load_balance_loss",)
+  READS_EXPERT_WEIGHTS = True  # MoELayer passes `experts=` to __call__
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
-    """Same slot order as token-choice top-k: causal for k=1 only (see top_k.py)."""
-    del options
-    return top_k == 1
+  def upcycle_refusal(cls, options: MoEXOptions, noise: float) -> str | None:
+    # moex scores experts from their own weights only: exact copies tie, the tied experts are
+    # chosen together with equal gates, get equal gradients and stay copies for good.
+    if noise or options.learned_mix:
+      return None
+    return (
+      "the experts start as exact copies that moex cannot tell apart, so they are chosen "
+      "together and stay copies; set init.from_dense_noise (e.g. 0.01) or "
+      "model.moe.moex.learned_mix > 0"
+    )
 
-  def __init__(self, *, d_model: int, num_experts: int, top_k: int, rngs: nnx.Rngs,
-               stop_gradient_stats: bool = False, learned_mix: float = 0.0,
-               balance_loss_weight: float = 0.0, log_l0_correlation: bool = True,
-               init_std: float = 0.02):  # fmt: skip
-    base.check_top_k(top_k, num_experts)
-    self.num_experts, self.top_k = num_experts, top_k
-    self.stop_gradient_stats = stop_gradient_stats
-    self.learned_mix = learned_mix
-    self.balance_loss_weight = balance_loss_weight
-    self.log_l0_correlation = log_l0_correlation
-    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: MoEXOptions, rngs: nnx.Rngs):
+    """Builds the router: the learned kernel W_r [D, E] (`rngs.params`) and the options."""
+    base.check_top_k(moe.top_k, moe.num_experts)
+    self.num_experts, self.top_k = moe.num_experts, moe.top_k
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
   def scores(self, x_gsd, w_in_edf) -> jax.Array:
     """float32[G, S, E]: -Phi(mu_h / sigma_h) (+ learned_mix * x W_r)."""
     mu_ed, var_ed = expert_column_stats(w_in_edf)
-    if self.stop_gradient_stats:
+    if self.options.stop_gradient_stats:
       mu_ed, var_ed = jax.lax.stop_gradient(mu_ed), jax.lax.stop_gradient(var_ed)
     x = x_gsd.astype(jnp.float32)
     score = -jax.vmap(lambda xs: positive_fraction_estimate(xs, mu_ed, var_ed))(x)
-    if self.learned_mix:
-      score = score + self.learned_mix * jnp.einsum(
-        "gsd,de->gse", x, self.kernel[...], precision=_HI
-      )
+    if self.options.learned_mix:
+      score = score + self.options.learned_mix * base.router_logits(x, self.kernel[...])
     return score
 
   def __call__(self, x_gsd, *, train: bool, rng=None, experts=None) -> base.SparseRouting:
@@ -142,17 +159,11 @@ class MoEXRouter(base.TokenChoiceRouter):
       raise ValueError("the moex router needs the expert bank: call it through MoELayer")
     w_in = experts.w_in[...]
     score_gse = self.scores(x_gsd, w_in)
-    routing = jax.vmap(lambda sc: route_scores(sc, top_k=self.top_k))(score_gse)
-    routing = base.average_over_groups(routing)
-    losses = {k: v * self.balance_loss_weight for k, v in routing.aux_losses.items()}
-    metrics = dict(routing.metrics)
-    if self.log_l0_correlation and not train:
+    routing = base.route_groups(lambda sc: route_scores(sc, top_k=self.top_k), score_gse)
+    if self.options.log_l0_correlation and not train:
       x_td = jax.lax.stop_gradient(x_gsd.reshape(-1, x_gsd.shape[-1]))
       l0_te = true_positive_fraction(x_td, jax.lax.stop_gradient(w_in))
       score_te = jax.lax.stop_gradient(score_gse.reshape(-1, self.num_experts))
-      metrics["score_l0_rank_corr"] = rank_correlation(score_te, l0_te)
-    return base.SparseRouting(
-      token_index=routing.token_index, expert_index=routing.expert_index,
-      combine_weight=routing.combine_weight, valid=routing.valid,
-      aux_losses=losses, metrics=metrics,
-    )  # fmt: skip
+      metrics = {**routing.metrics, "score_l0_rank_corr": rank_correlation(score_te, l0_te)}
+      routing = dataclasses.replace(routing, metrics=metrics)
+    return routing

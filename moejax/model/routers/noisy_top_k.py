@@ -31,13 +31,14 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 _CV_EPS = 1e-10  # keeps CV^2 finite when every expert has zero importance
@@ -132,46 +133,45 @@ def route_noisy_top_k(
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class NoisyTopKOptions:
+  """Options of the `noisy_top_k` family (`model.moe.noisy_top_k.*`).
+
+  Attributes:
+    noise_epsilon: added to softplus(x W_noise): the least noise scale at training time.
+    importance_loss_weight: weight of CV^2(importance).
+    load_loss_weight: weight of CV^2(smooth load).
+  """
+
+  noise_epsilon: float = 1e-2
+  importance_loss_weight: float = 1e-2
+  load_loss_weight: float = 1e-2
+
+  def __post_init__(self):
+    if self.noise_epsilon < 0:
+      raise ValueError(f"noise_epsilon={self.noise_epsilon}: must be >= 0")
+
+
+@registry.register("noisy_top_k", aliases=("noisy_topk",))
 class NoisyTopKRouter(base.TokenChoiceRouter):
   """Noisy top-k gating over G groups: gate and noise kernels W_g, W_noise [D, E], zero init."""
 
-  CONFIG_OPTIONS = {"noise_epsilon": "noise_epsilon"}
-
-  @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
-    """k=1: a token's slot depends only on earlier tokens. k>1: all first choices precede second
-    choices, so a later token's first choice can push out an earlier token's second choice."""
-    del options
-    return top_k == 1
+  Options = NoisyTopKOptions
+  AUX_LOSSES = ("importance_loss", "load_loss")
 
   def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    noise_epsilon: float = 1e-2,
+    self, *, d_model: int, moe: base.MoESettings, options: NoisyTopKOptions, rngs: nnx.Rngs
   ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: k, experts per token.
-      rngs: unused (both kernels start at zero); kept for the common router signature.
-      noise_epsilon: added to softplus(x W_noise): the least noise scale at training time.
-    """
+    """Builds the router; both kernels start at zero (`rngs` is unused)."""
     del rngs
-    base.check_top_k(top_k, num_experts)
-    if noise_epsilon < 0:
-      raise ValueError(f"{noise_epsilon=} must be >= 0")
-    self.num_experts = num_experts
-    self.top_k = top_k
-    self.noise_epsilon = noise_epsilon
+    base.check_top_k(moe.top_k, moe.num_experts)
+    self.num_experts = moe.num_experts
+    self.top_k = moe.top_k
+    self.options = options
     # Shape: [D, E] each; experts are few, so the E axis stays replicated.
-    self.w_gate = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32), axes=("embed", None))
-    self.w_noise = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32), axes=("embed", None))
+    zeros = lambda: jnp.zeros((d_model, moe.num_experts), jnp.float32)
+    self.w_gate = nnx.Param(zeros(), axes=("embed", None))
+    self.w_noise = nnx.Param(zeros(), axes=("embed", None))
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
@@ -186,17 +186,10 @@ class NoisyTopKRouter(base.TokenChoiceRouter):
     Returns:
       SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics.
     """
-    x_gsd = x_gsd.astype(jnp.float32)
-    # HIGHEST: keep the router matmuls in true float32 where the default would use bf16/TF32.
-    project = functools.partial(jnp.einsum, "gsd,de->gse", precision=jax.lax.Precision.HIGHEST)
-    clean_gse = project(x_gsd, self.w_gate[...])
-    noise_std_gse = jax.nn.softplus(project(x_gsd, self.w_noise[...])) + self.noise_epsilon
+    clean_gse = base.router_logits(x_gsd, self.w_gate[...])
+    noise_std_gse = (
+      jax.nn.softplus(base.router_logits(x_gsd, self.w_noise[...])) + self.options.noise_epsilon
+    )
     route = functools.partial(route_noisy_top_k, top_k=self.top_k)
-    if train:
-      if rng is None:
-        raise ValueError("NoisyTopKRouter needs an rng to train (the logits get noise)")
-      keys = jax.random.split(rng, x_gsd.shape[0])
-      routing = jax.vmap(lambda c, n, key: route(c, n, rng=key))(clean_gse, noise_std_gse, keys)
-    else:
-      routing = jax.vmap(route)(clean_gse, noise_std_gse)
-    return base.average_over_groups(routing)
+    rng = base.need_rng(rng, "the noisy_top_k router") if train else None
+    return base.route_groups(route, clean_gse, noise_std_gse, rng=rng)

@@ -27,11 +27,13 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 
 NORM_EPS = 1e-6
 
@@ -70,52 +72,51 @@ def route_soft(x_sd: jax.Array, phi_dn: jax.Array, scale: jax.Array) -> base.Sof
   )
 
 
-class SoftMoERouter(nnx.Module):
+@dataclasses.dataclass(frozen=True)
+class SoftMoEOptions:
+  """Options of the `soft_moe` family (`model.moe.soft_moe.*`).
+
+  Attributes:
+    slots_per_expert: P.
+    init_scale: initial value of the learned scalar `scale` (> 0). Logits are scaled cosines in
+      [-scale, scale], so at 1 every softmax starts close to uniform.
+  """
+
+  slots_per_expert: int = 1
+  init_scale: float = 1.0
+
+  def __post_init__(self):
+    if self.slots_per_expert <= 0:
+      raise ValueError(f"slots_per_expert={self.slots_per_expert}: must be >= 1")
+    if not self.init_scale > 0:
+      raise ValueError(f"init_scale={self.init_scale}: must be > 0")
+
+
+@registry.register("soft_moe")
+class SoftMoERouter(base.Router):
   """Learned slots Phi [D, E*P] and scale; routes G groups softly."""
 
-  CONFIG_OPTIONS = {"slots_per_expert": "slots_per_expert", "init_scale": "soft_init_scale"}
+  Options = SoftMoEOptions
 
   @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
+  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
     """Never: every slot is a mix of all tokens of the group, later ones included."""
-    del top_k, options
     return False
 
   def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    slots_per_expert: int = 1,
-    init_scale: float = 1.0,
+    self, *, d_model: int, moe: base.MoESettings, options: SoftMoEOptions, rngs: nnx.Rngs
   ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: unused (every token reaches every slot).
-      rngs: provides the `params` stream for the Phi init.
-      slots_per_expert: P.
-      init_scale: initial value of the learned scalar `scale` (> 0). Logits are scaled cosines in
-        [-scale, scale], so at 1 every softmax starts close to uniform.
-    """
-    del top_k
-    if slots_per_expert <= 0 or num_experts <= 0:
-      raise ValueError(f"need positive {slots_per_expert=} and {num_experts=}")
-    if not init_scale > 0:
-      raise ValueError(f"soft_moe needs init_scale > 0, got {init_scale}")
-    self.num_experts = num_experts
-    self.slots_per_expert = slots_per_expert
+    """Builds Phi (lecun-normal, `rngs.params`) and the scale; top_k is unused."""
+    self.options = options
+    self.num_experts = moe.num_experts
+    self.slots_per_expert = options.slots_per_expert
     init = jax.nn.initializers.lecun_normal()
     # Shape: [D, E*P]; slot n belongs to expert n // P (the layout ops/soft.py reshapes to).
     self.phi = nnx.Param(
-      init(rngs.params(), (d_model, num_experts * slots_per_expert), jnp.float32),
+      init(rngs.params(), (d_model, moe.num_experts * options.slots_per_expert), jnp.float32),
       axes=("embed", None),
     )
-    self.scale = nnx.Param(jnp.full((), init_scale, jnp.float32), axes=())
+    self.scale = nnx.Param(jnp.full((), options.init_scale, jnp.float32), axes=())
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None

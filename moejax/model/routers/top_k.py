@@ -16,13 +16,14 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 
@@ -77,52 +78,43 @@ def route_top_k(
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class TopKOptions:
+  """Options of the `switch` family (`model.moe.switch.*`).
+
+  Attributes:
+    jitter_eps: training-time multiplicative noise U[1-eps, 1+eps] on the router input; 0 off.
+    normalize_weights: renormalise each token's k gate values to sum to 1 (Mixtral, Qwen).
+    init_std: standard deviation of the normal kernel init (small: near-uniform routing).
+    load_balance_loss_weight: weight of the Switch load-balancing loss.
+    router_z_loss_weight: weight of the ST-MoE router z-loss.
+  """
+
+  jitter_eps: float = 0.0
+  normalize_weights: bool = False
+  init_std: float = 0.02
+  load_balance_loss_weight: float = 1e-2
+  router_z_loss_weight: float = 1e-3
+
+  def __post_init__(self):
+    if not 0.0 <= self.jitter_eps < 1.0:
+      raise ValueError(f"jitter_eps={self.jitter_eps}: must be in [0, 1)")
+
+
+@registry.register("switch", aliases=("top_k",))
 class TopKRouter(base.TokenChoiceRouter):
   """Linear router + token-choice top-k over G groups (Switch when top_k=1)."""
 
-  CONFIG_OPTIONS = {
-    "jitter_eps": "jitter_eps",
-    "normalize_weights": "normalize_top_k",
-    "init_std": "router_init_std",
-  }
+  Options = TopKOptions
+  AUX_LOSSES = ("load_balance_loss", "router_z_loss")
 
-  @classmethod
-  def causal_in_sequence(cls, top_k: int, **options) -> bool:
-    """k=1: a token's slot depends only on earlier tokens. k>1: all first choices precede second
-    choices, so a later token's first choice can push out an earlier token's second choice."""
-    del options
-    return top_k == 1
-
-  def __init__(
-    self,
-    *,
-    d_model: int,
-    num_experts: int,
-    top_k: int,
-    rngs: nnx.Rngs,
-    jitter_eps: float = 0.0,
-    normalize_weights: bool = False,
-    init_std: float = 0.02,
-  ):
-    """Builds the router.
-
-    Args:
-      d_model: D.
-      num_experts: E.
-      top_k: k, experts per token.
-      rngs: provides the `params` stream for the kernel init.
-      jitter_eps: training-time multiplicative noise U[1-eps, 1+eps] on the router input; 0 off.
-      normalize_weights: renormalise each token's k gate values to sum to 1.
-      init_std: standard deviation of the normal kernel init (small: near-uniform routing).
-    """
-    base.check_top_k(top_k, num_experts)
-    if not 0.0 <= jitter_eps < 1.0:
-      raise ValueError(f"{jitter_eps=} must be in [0, 1)")
-    self.num_experts = num_experts
-    self.top_k = top_k
-    self.jitter_eps = jitter_eps
-    self.normalize_weights = normalize_weights
-    self.kernel = base.router_kernel(rngs, d_model, num_experts, init_std)
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: TopKOptions, rngs: nnx.Rngs):
+    """Builds the router: a float32 [D, E] kernel (`rngs.params`) and the options."""
+    base.check_top_k(moe.top_k, moe.num_experts)
+    self.num_experts = moe.num_experts
+    self.top_k = moe.top_k
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
@@ -138,16 +130,11 @@ class TopKRouter(base.TokenChoiceRouter):
       SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics.
     """
     x_gsd = x_gsd.astype(jnp.float32)
-    if train and self.jitter_eps > 0:
-      if rng is None:
-        raise ValueError(f"TopKRouter with jitter_eps={self.jitter_eps} needs an rng to train")
-      eps = self.jitter_eps
+    eps = self.options.jitter_eps
+    if train and eps > 0:
+      rng = base.need_rng(rng, f"the switch router with jitter_eps={eps}")
       x_gsd = x_gsd * jax.random.uniform(rng, x_gsd.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-    # HIGHEST: keep the router matmul in true float32 where the default would use bf16/TF32.
-    logits_gse = jnp.einsum(
-      "gsd,de->gse", x_gsd, self.kernel[...], precision=jax.lax.Precision.HIGHEST
-    )
     route = functools.partial(
-      route_top_k, top_k=self.top_k, normalize_weights=self.normalize_weights
+      route_top_k, top_k=self.top_k, normalize_weights=self.options.normalize_weights
     )
-    return base.average_over_groups(jax.vmap(route)(logits_gse))
+    return base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))

@@ -7,8 +7,8 @@ import chess
 import numpy as np
 import pytest
 
-from moejax.data import chess as chess_data
-from moejax.data import chess_board
+from moejax.proj.moex import chess as chess_data
+from moejax.proj.moex import chess_board
 
 PIECES = "PNBRQKpnbrqk"
 
@@ -54,15 +54,17 @@ def test_board_labels_match_python_chess_replay():
 
 def test_games_are_cached_by_chunk_and_resumable(tmp_path):
   spec = chess_data.parse_spec("chess:random:10:1")
-  games = chess_data.load_games(spec, chunk_size=4, processes=1, directory=str(tmp_path),
-                                progress=False)  # fmt: skip
+  games = chess_data.load_games(
+    spec, chunk_size=4, processes=1, directory=str(tmp_path), progress=False
+  )
   assert len(games) == 10 and games[9] == chess_data.random_game(9, seed=1)
   files = sorted(os.listdir(tmp_path))
   assert len(files) == 3
   for name in files[:2]:  # an interrupted run: two chunks missing, made again by 2 workers
     os.remove(tmp_path / name)
-  again = chess_data.load_games(spec, chunk_size=4, processes=2, directory=str(tmp_path),
-                                progress=False)  # fmt: skip
+  again = chess_data.load_games(
+    spec, chunk_size=4, processes=2, directory=str(tmp_path), progress=False
+  )
   assert again == games and sorted(os.listdir(tmp_path)) == files
 
 
@@ -89,15 +91,10 @@ def _load_recipe(path, preset):
 def test_chess_recipes_have_equal_active_ffn_width_and_validate(size):
   from moejax import config_lib  # noqa: PLC0415
 
-  recipes = {
-    "dense_gelu": ("configs/dense.py", f"chess{size}"),
-    "dense_relu": ("configs/dense.py", f"chess_relu{size}"),
-    "switch": ("configs/switch_base.py", f"chess{size}"),
-    "moex": ("configs/moex_chess.py", size[1:]),
-  }
   active_width, trunks = {}, set()
-  for name, (path, preset) in recipes.items():
-    c = _load_recipe(path, preset)
+  for name in ("dense_gelu", "dense_relu", "switch", "moex"):
+    c = _load_recipe("configs/moex_chess.py", f"{name}{size}")
+    assert c.extensions == "moejax.proj.moex"
     m, moe = c.model, c.model.moe
     config_lib.validate(c, 1)
     trunks.add((m.num_layers, m.d_model, m.num_heads, c.train.seq_len, c.data.source, m.vocab_size))
@@ -110,16 +107,15 @@ def test_chess_recipes_have_equal_active_ffn_width_and_validate(size):
 
 
 def test_chess_source_in_the_pipeline(tmp_path, monkeypatch):
+  from moejax import config_lib, errors  # noqa: PLC0415
   from moejax.data import pipeline  # noqa: PLC0415
 
   monkeypatch.setenv("MOEJAX_CHESS_CACHE", str(tmp_path))
-  build = lambda vocab: pipeline.build_dataset(
-    source="chess:random:10", workdir=str(tmp_path), vocab_size=vocab, seq_len=64,
-    val_fraction=0.2,
-  )  # fmt: skip
-  with pytest.raises(chess_data.ChessDataError, match="set model.vocab_size=32"):
-    build(16)
-  data = build(32)
+  data_cfg = config_lib.default_config().data
+  data_cfg.source, data_cfg.val_fraction = "chess:random:10", 0.2
+  with pytest.raises(errors.ConfigError, match="below the tokenizer's floor of 32"):
+    pipeline.check_source(data_cfg.source, vocab_size=16)
+  data = pipeline.build_dataset(data_cfg, workdir=str(tmp_path), vocab_size=32, seq_len=64)
   games = chess_data.load_games(chess_data.parse_spec("chess:random:10"), progress=False)
   train, val = chess_data.split_games(games, 0.2)
   assert len(val) == 2 and val == [games[4], games[9]]
@@ -132,8 +128,10 @@ def test_chess_source_in_the_pipeline(tmp_path, monkeypatch):
 
 # Stockfish is an optional Debian package, not a pip requirement; the error without it is tested
 # above (test_bad_specs_and_missing_engine_give_clear_errors).
-@pytest.mark.skipif(not chess_data.shutil.which("stockfish", path="/usr/games:/usr/bin"),
-                    reason="optional engine not installed: apt-get install stockfish")  # fmt: skip
+@pytest.mark.skipif(
+  not chess_data.shutil.which("stockfish", path="/usr/games:/usr/bin"),
+  reason="optional engine not installed: apt-get install stockfish",
+)
 def test_stockfish_games_are_legal():
   for game in chess_data.stockfish_games(range(2), opening_plies=4, max_plies=40):
     board = chess.Board()

@@ -1,5 +1,5 @@
 """End to end on a tiny chess run: train a few steps on random games with `moex` routing, then
-`python -m moejax.interpret` on a dense and an MoE layer."""
+`python -m moejax.proj.moex.interpret` on a dense and an MoE layer."""
 
 import json
 import os
@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from moejax import evaluate, generate, interpret, train
-from moejax.data import chess as chess_data
+from moejax import evaluate, generate, train
+from moejax.proj.moex import chess as chess_data
+from moejax.proj.moex import interpret
 from tests.helpers import tiny_config
 
 
@@ -16,6 +17,7 @@ from tests.helpers import tiny_config
 def chess_run(tmp_path_factory):
   os.environ["MOEJAX_CHESS_CACHE"] = str(tmp_path_factory.mktemp("games"))
   cfg = tiny_config("chess:random:40")
+  cfg.extensions = "moejax.proj.moex"
   m, moe = cfg.model, cfg.model.moe
   m.vocab_size, m.activation = 32, "relu"
   moe.router, moe.top_k, moe.dispatch = "moex", 2, "dropless"

@@ -1,7 +1,7 @@
 """Board-state probing metrics of Karvonen et al. (2024), as used by MoE-X (Yang et al. 2025).
 
 Inputs are feature activations at the labelled character positions (rows) and the 768 binary
-board-state properties there (moejax/data/chess_board.py). Definitions (ALGORITHMS.md):
+board-state properties there (moejax/proj/moex/chess_board.py). Definitions:
 - Features: the columns of the activation matrix (neurons of z_hat or of a dense MLP's hidden
   code); dead features (max activation <= 0 on the set that fixes thresholds) are dropped.
 - Thresholds: t in {0, 0.1, ..., 1.0} x each feature's max activation; "active" = act > t * max.
@@ -65,8 +65,9 @@ def coverage(acts_nm, labels_np, thresholds=THRESHOLDS) -> dict:
   return {"coverage": per_t[best], "threshold": thresholds[best], "per_threshold": per_t}
 
 
-def feature_labels(active_nm, labels_np, min_precision=MIN_PRECISION,
-                   min_activations=MIN_ACTIVATIONS) -> np.ndarray:  # fmt: skip
+def feature_labels(
+  active_nm, labels_np, min_precision=MIN_PRECISION, min_activations=MIN_ACTIVATIONS
+) -> np.ndarray:
   """bool[M, P]: properties each feature predicts with precision >= min_precision (>= min acts)."""
   active = active_nm.astype(np.float32)
   n_active_m = active.sum(axis=0)

@@ -1,13 +1,13 @@
 r"""Board-state interpretability of a chess run: BSP coverage and board reconstruction.
 
-  python -m moejax.interpret --workdir DIR --layer L [--train-games 2000] [--val-games 500]
-                             [--step N] [--json OUT]
+  python -m moejax.proj.moex.interpret --workdir DIR --layer L [--train-games 2000]
+                                       [--val-games 500] [--step N] [--json OUT]
 
 Restores the run in DIR (trained on a "chess:..." data source), runs its games through the model
 and collects, at every move number's '.' (white to move), the layer-L feature code: z_hat of an
-MoE layer ([E * d_expert] neurons, moejax/model/wide.py) or the hidden code of a dense MLP
-([d_ff] neurons). Then moejax/board_metrics.py scores the neurons as detectors of the 768
-piece-on-square properties (moejax/data/chess_board.py): coverage on the held-out games,
+MoE layer ([E * d_expert] neurons, moejax/proj/moex/wide.py) or the hidden code of a dense MLP
+([d_ff] neurons). Then moejax/proj/moex/board_metrics.py scores the neurons as detectors of the 768
+piece-on-square properties (moejax/proj/moex/chess_board.py): coverage on the held-out games,
 reconstruction labelled on training games and scored on held-out games. Also reported: the mean
 fraction of active (nonzero) neurons per position, and both metrics for a single always-active
 feature (the floor any model gets from properties that almost always hold, such as kings at
@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import board_metrics, config_lib, restore, sharding
-from moejax.data import chess as chess_data
-from moejax.data import chess_board
+from moejax import cli, errors, restore
 from moejax.model.moe_layer import MoELayer
+from moejax.proj.moex import board_metrics, chess_board, wide
+from moejax.proj.moex import chess as chess_data
 
 
 def layer_code(model, tokens_bl, layer: int):
@@ -48,7 +48,7 @@ def layer_code(model, tokens_bl, layer: int):
   block = model.blocks[layer]
   h = block.ffn_norm(x + block.attention(block.attn_norm(x)))
   if isinstance(block.ffn, MoELayer):
-    return block.ffn(h, train=False, rng=None, return_hidden=True)[3]
+    return wide.moe_hidden_code(block.ffn, h, train=False)
   return block.ffn.hidden(h)
 
 
@@ -76,18 +76,17 @@ def collect(model, games: list[str], layer: int, *, seq_len: int, batch_size: in
   return np.concatenate(acts), np.concatenate(labels)
 
 
-def interpret(workdir: str, layer: int, *, train_games: int, val_games: int,
-              step: int | None = None) -> dict:  # fmt: skip
+def interpret(
+  workdir: str, layer: int, *, train_games: int, val_games: int, step: int | None = None
+) -> dict:
   cfg = restore.load_run_config(workdir)
   if not cfg.data.source.startswith(chess_data.PREFIX):
-    raise config_lib.ConfigError(
-      f"moejax.interpret needs a run trained on chess games; {workdir!r} has "
+    raise errors.ConfigError(
+      f"moejax.proj.moex.interpret needs a run trained on chess games; {workdir!r} has "
       f"data.source={cfg.data.source!r}"
     )
   if not 0 <= layer < cfg.model.num_layers:
-    raise config_lib.ConfigError(
-      f"--layer={layer}: the run has layers 0..{cfg.model.num_layers - 1}"
-    )
+    raise errors.ConfigError(f"--layer={layer}: the run has layers 0..{cfg.model.num_layers - 1}")
   games = chess_data.load_games(chess_data.parse_spec(cfg.data.source))
   train, val = chess_data.split_games(games, cfg.data.val_fraction)
   train, val = train[:train_games], val[:val_games]
@@ -95,7 +94,7 @@ def interpret(workdir: str, layer: int, *, train_games: int, val_games: int,
   restored = restore.restore_model(workdir, cfg, mesh, rules, step=step)
   model = nnx.merge(restored.graphdef, restored.params, restored.model_state)
   sizes = {"seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size}
-  with sharding.activate(mesh, rules):
+  with jax.set_mesh(mesh):
     acts_train, labels_train = collect(model, train, layer, **sizes)
     acts_val, labels_val = collect(model, val, layer, **sizes)
   cov = board_metrics.coverage(acts_val, labels_val)
@@ -129,7 +128,7 @@ def interpret(workdir: str, layer: int, *, train_games: int, val_games: int,
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m moejax.interpret", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m moejax.proj.moex.interpret", description=__doc__)
   parser.add_argument("--workdir", required=True, help="a chess run's directory")
   parser.add_argument("--layer", type=int, required=True, help="block index, 0-based")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -139,11 +138,14 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   for name in ("train_games", "val_games"):
     if getattr(args, name) < 1:
-      raise config_lib.ConfigError(
-        f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1"
-      )
-  result = interpret(args.workdir, args.layer, train_games=args.train_games,
-                     val_games=args.val_games, step=args.step)  # fmt: skip
+      raise errors.ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+  result = interpret(
+    args.workdir,
+    args.layer,
+    train_games=args.train_games,
+    val_games=args.val_games,
+    step=args.step,
+  )
   path = args.json or os.path.join(args.workdir, f"interpret_{args.layer}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
@@ -161,4 +163,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  restore.run_cli(main)
+  cli.run(main)

@@ -3,15 +3,15 @@
 # Switch and MoE-X at equal active compute, the `tiny` size (4 layers, d_model 256, vocab 2048; in
 # the MoE models every other layer's MLP is an MoE layer, as in configs/switch_base.py:tiny).
 #
-#   bash benchmarks/moex_language.sh OUT_DIR [STEPS]
+#   bash moejax/proj/moex/language.sh OUT_DIR [STEPS]
 #
 # Equal active compute: the dense MLP is d_ff = 512 wide; Switch runs 1 of 8 experts of width 512;
 # MoE-X runs 2 of 8 ReLU experts of width 256 with sparsity-aware routing. Same data, steps and
 # schedule (STEPS, default 300, of 16 x 128 tokens). Then:
-#   python -m benchmarks.moex_table --language OUT_DIR
+#   python -m moejax.proj.moex.table --language OUT_DIR
 set -euo pipefail
 
-out=${1:?usage: moex_language.sh OUT_DIR [STEPS]}
+out=${1:?usage: language.sh OUT_DIR [STEPS]}
 steps=${2:-300}
 python=${PYTHON:-python}
 mkdir -p "$out"

@@ -1,9 +1,9 @@
-"""Board-probing metrics (moejax/board_metrics.py) on synthetic data with hand-computed values."""
+"""Board-probing metrics (moejax/proj/moex/board_metrics.py) on synthetic data, hand-computed."""
 
 import numpy as np
 import pytest
 
-from moejax import board_metrics as bm
+from moejax.proj.moex import board_metrics as bm
 
 # Six positions, two features, two properties (worked through by hand in the tests below).
 ACTS = np.array([[1.0, 0.0], [0.5, 2.0], [0.0, 2.0], [0.2, 0.0], [0.0, 1.0], [0.9, 0.0]])

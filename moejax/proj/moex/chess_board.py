@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.data import chess as chess_data
+from moejax.proj.moex import chess as chess_data
 
 NUM_PROPERTIES = 8 * 8 * 12
 

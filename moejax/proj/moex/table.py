@@ -1,10 +1,11 @@
-r"""The MoE-X chess table from a finished `benchmarks/moex_experiment.sh OUT_DIR` run.
+r"""The MoE-X chess table from a finished `moejax/proj/moex/experiment.sh OUT_DIR` run.
 
-  python -m benchmarks.moex_table OUT_DIR [--layer 2] [--json docs/moex_results.json]
-  python -m benchmarks.moex_table --language LANG_DIR   # after benchmarks/moex_language.sh
+  python -m moejax.proj.moex.table OUT_DIR [--layer 2] [--json docs/moex_results.json]
+  python -m moejax.proj.moex.table --language LANG_DIR   # after moejax/proj/moex/language.sh
 
 Reads OUT_DIR/<model>/eval.json (moejax.evaluate) and OUT_DIR/<model>/interpret_<layer>.json
-(moejax.interpret), prints a markdown table with the paper's numbers beside ours, and writes
+(moejax.proj.moex.interpret), prints a markdown table with the paper's numbers beside ours, and
+writes
 {model_name: {val_loss, coverage, reconstruction, ...}} as JSON.
 """
 
@@ -25,8 +26,7 @@ LABELS = {
   "moex_scratch": "MoE-X from scratch",
   "moex_upcycled": "MoE-X upcycled (steps after upcycling)",
 }
-# Yang et al. 2025, as quoted in ../shared/design/ALGORITHMS.md (8 layers, d 512, 1023-character
-# context); "-" = not given.
+# Yang et al. 2025 (8 layers, d 512, 1023-character context); "-" = not given.
 PAPER = {
   "dense_gelu": ("0.213", "0.356", "0.608"),
   "dense_relu": ("0.215", "0.312", "0.581"),
@@ -38,8 +38,9 @@ PAPER = {
 
 def mean_l0_correlation(evaluation: dict) -> float | None:
   """Mean over MoE layers of moex's score vs true-L0 rank correlation; None for other routers."""
-  values = [m["score_l0_rank_corr"] for m in evaluation["layers"].values()
-            if "score_l0_rank_corr" in m]  # fmt: skip
+  values = [
+    m["score_l0_rank_corr"] for m in evaluation["layers"].values() if "score_l0_rank_corr" in m
+  ]
   return float(np.mean(values)) if values else None
 
 
@@ -110,7 +111,7 @@ LANGUAGE_MODELS = {
 
 
 def language_markdown(lang_dir: str) -> str:
-  """Validation loss / perplexity of each benchmarks/moex_language.sh model found in lang_dir."""
+  """Validation loss / perplexity of each moejax/proj/moex/language.sh model found in lang_dir."""
   lines = ["| model | steps | val loss (nats/token) | val perplexity |", "|---|---|---|---|"]
   for name, label in LANGUAGE_MODELS.items():
     path = os.path.join(lang_dir, name, "eval.json")
@@ -123,12 +124,17 @@ def language_markdown(lang_dir: str) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("out_dir", nargs="?", help="benchmarks/moex_experiment.sh's OUT_DIR")
+  parser.add_argument("out_dir", nargs="?", help="moejax/proj/moex/experiment.sh's OUT_DIR")
   parser.add_argument("--layer", type=int, default=2)
   parser.add_argument("--json", default="docs/moex_results.json")
-  parser.add_argument("--language", default=None, help="benchmarks/moex_language.sh's OUT_DIR")
-  parser.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN_DIR",
-                      help="another run, in a second table (not in the JSON)")  # fmt: skip
+  parser.add_argument("--language", default=None, help="moejax/proj/moex/language.sh's OUT_DIR")
+  parser.add_argument(
+    "--extra",
+    action="append",
+    default=[],
+    metavar="LABEL=RUN_DIR",
+    help="another run, in a second table (not in the JSON)",
+  )
   args = parser.parse_args(argv)
   if args.language:
     print(language_markdown(args.language))

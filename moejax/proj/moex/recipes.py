@@ -1,7 +1,7 @@
 """The chess recipes of the MoE-X experiment (Yang et al. 2025): one trunk, four feed-forwards.
 
-Every chess recipe (configs/moex_chess.py, and the `chess*` presets of configs/dense.py and
-configs/switch_base.py) starts from `chess_family`, so they differ only in the feed-forward:
+Every chess recipe (the presets of configs/moex_chess.py) starts from `chess_family`, so they
+differ only in the feed-forward:
 - dense: one MLP of width d_ff (GELU or ReLU);
 - switch: 8 experts of width d_ff, top-1 (Switch Transformer);
 - moex: 8 ReLU experts of width d_ff / 2, top-2, sparsity-aware `moex` routing.
@@ -14,14 +14,14 @@ Sizes:
 - "cpu": 4 layers, d_model 256, 4 heads, d_ff 1024, context 256; 10k stockfish games, 3000 steps
   of 16 x 256 characters (about 12M characters, 1.7 epochs): hours per model on a 2-core CPU.
   The measured table in docs/MOEX.md is shorter: 400 steps on 5k games
-  (benchmarks/moex_experiment.sh).
+  (moejax/proj/moex/experiment.sh).
 Routing groups are one position of `batch` sequences (group_layout 'position'): top-2 stays
 causal and no capacity is involved (dispatch 'dropless': nothing is dropped).
 """
 
 from __future__ import annotations
 
-from moejax import config_lib
+from moejax import config_lib, errors
 
 PRESETS = ("", "cpu")
 FFNS = ("dense_gelu", "dense_relu", "switch", "moex")
@@ -30,10 +30,11 @@ FFNS = ("dense_gelu", "dense_relu", "switch", "moex")
 def chess_family(preset: str, ffn: str, recipe: str):
   """The chess config of size `preset` ("" or "cpu") with feed-forward `ffn` (see FFNS)."""
   if preset not in PRESETS:
-    raise ValueError(f"{recipe}: unknown chess preset {preset!r}; known: {PRESETS}")
+    raise errors.ConfigError(f"{recipe}: unknown chess preset {preset!r}; known: {PRESETS}")
   c = config_lib.default_config()
+  c.extensions = "moejax.proj.moex"  # registers the "chess:" data source
   m, moe, t, o = c.model, c.model.moe, c.train, c.optim
-  m.vocab_size = 32  # moejax/data/chess.py VOCAB
+  m.vocab_size = 32  # moejax/proj/moex/chess.py VOCAB
   if preset == "":
     m.num_layers, m.d_model, m.num_heads, m.d_ff = 8, 512, 8, 2048
     t.steps, t.batch_size, t.seq_len = 60_000, 64, 1023
@@ -61,5 +62,5 @@ def chess_family(preset: str, ffn: str, recipe: str):
     m.moe_every, m.activation = 1, "relu"
     moe.router, moe.top_k, moe.d_expert = "moex", 2, m.d_ff // 2
   else:
-    raise ValueError(f"{recipe}: unknown chess feed-forward {ffn!r}; known: {FFNS}")
+    raise errors.ConfigError(f"{recipe}: unknown chess feed-forward {ffn!r}; known: {FFNS}")
   return c

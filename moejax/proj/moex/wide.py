@@ -7,8 +7,9 @@ not reach). Neuron id = e * F + i. So an MoE layer is one wide MLP whose code is
 experts (top-k) and, with ReLU experts, within them.
 
 Design choices:
-- z_hat is computed in the same call as the layer output, from the layer's own routing (no second
-  model forward): `MoELayer(..., return_hidden=True)` calls `gated_hidden` here.
+- z_hat is computed from the layer's own routing steps (`MoELayer.route`, `kept_pairs`), the
+  extension point the core offers to probes, so it is the code of exactly the pairs the
+  layer's dispatch computes.
 - Which pairs count is the dispatch's: every valid pair for `dropless`; for `capacity` and
   `all_to_all` the pairs that fit the capacity (same `compute_slots` as the dispatch), so a dropped
   pair has zero code exactly as it has zero output.
@@ -23,26 +24,13 @@ Letters: g groups, s tokens per group, t = g*s tokens, e experts, f expert hidde
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from moejax.model.routers import base
-from moejax.ops import capacity as capacity_ops
+from moejax.ops import routing as routing_lib
 
 
-def kept_pairs(routing: base.SparseRouting, *, dispatch: str, capacity: int, num_experts: int):
-  """bool[G, N]: the pairs the dispatch actually computes."""
-  if dispatch == "dropless":
-    return routing.valid
-  compute = functools.partial(
-    capacity_ops.compute_slots, num_experts=num_experts, capacity=capacity
-  )
-  return jax.vmap(compute)(routing.expert_index, routing.valid)[1]
-
-
-def gate_matrix(routing: base.SparseRouting, kept_gn, num_tokens: int, num_experts: int):
+def gate_matrix(routing: routing_lib.SparseRouting, kept_gn, num_tokens: int, num_experts: int):
   """float32[G, S, E]: each token's total combine weight per expert over its kept pairs."""
 
   def one_group(token_n, expert_n, weight_n, kept_n):
@@ -65,18 +53,19 @@ def gated_hidden(experts, x_gsd, gates_gse):
   return z_gsef.reshape(g, s, -1)
 
 
-def moe_hidden_code(layer, x_gsd, routing, *, train: bool):
-  """z_hat [G, S, E*F] of MoELayer `layer` for its routing of x_gsd (see the module docstring)."""
-  if isinstance(routing, base.SoftRouting):
+def moe_hidden_code(layer, x_bld, *, train: bool):
+  """z_hat [B, L, E*F] of MoELayer `layer` on its input x_bld (see the module docstring).
+
+  Uses the layer's own routing steps (`route`, `kept_pairs`), so the code is exactly the one of
+  the pairs the layer's dispatch computes.
+  """
+  x_gsd, routing = layer.route(x_bld, train=train, rng=None)
+  if isinstance(routing, routing_lib.SoftRouting):
     raise ValueError("z_hat is defined for sparse routers only (soft routing mixes tokens)")
-  s = x_gsd.shape[1]
-  cf = layer.capacity_factor if train else layer.eval_capacity_factor
-  capacity = layer.router.capacity(s, cf) if layer.dispatch != "dropless" else 0
-  kept = kept_pairs(
-    routing, dispatch=layer.dispatch, capacity=capacity, num_experts=layer.num_experts
-  )
-  gates = gate_matrix(routing, kept, s, layer.num_experts)
-  return gated_hidden(layer.experts, x_gsd, gates)
+  num_experts = layer.settings.num_experts
+  gates = gate_matrix(routing, layer.kept_pairs(routing, train=train), x_gsd.shape[1], num_experts)
+  z_gsk = gated_hidden(layer.experts, x_gsd, gates)
+  return layer.from_groups(z_gsk, (*x_bld.shape[:2], z_gsk.shape[-1]))
 
 
 def stacked_decoder(experts) -> jax.Array:

@@ -30,6 +30,8 @@ import uuid
 
 import numpy as np
 
+from moejax import errors
+
 VOCAB = " #+-.0123456789;=BKNOQRabcdefghx"
 SEPARATOR = ";"
 PREFIX = "chess:"
@@ -37,7 +39,7 @@ KINDS = ("random", "stockfish")
 _STOCKFISH_HINT = "sudo apt-get install stockfish"
 
 
-class ChessDataError(ValueError):
+class ChessDataError(errors.DataError):
   """A user-fixable problem with a chess data spec or its engine; the CLI prints it in one line."""
 
 
@@ -99,8 +101,9 @@ def random_game(index: int, seed: int = 0, max_plies: int = 200) -> str:
   return movetext(sans)
 
 
-def stockfish_games(indices, seed: int = 0, depth: int = 3, opening_plies: int = 8,
-                    max_plies: int = 300) -> list[str]:  # fmt: skip
+def stockfish_games(
+  indices, seed: int = 0, depth: int = 3, opening_plies: int = 8, max_plies: int = 300
+) -> list[str]:
   """Engine self-play games: `opening_plies` random plies, then stockfish at `depth` both sides."""
   import chess  # noqa: PLC0415
   import chess.engine  # noqa: PLC0415
@@ -153,8 +156,14 @@ def cache_dir() -> str:
   return os.environ.get("MOEJAX_CHESS_CACHE") or os.path.expanduser("~/.cache/moejax/chess")
 
 
-def load_games(spec: GameSpec, *, chunk_size: int = 500, processes: int | None = None,
-               directory: str | None = None, progress: bool = True) -> list[str]:  # fmt: skip
+def load_games(
+  spec: GameSpec,
+  *,
+  chunk_size: int = 500,
+  processes: int | None = None,
+  directory: str | None = None,
+  progress: bool = True,
+) -> list[str]:
   """The spec's games, generating the missing cache chunks in parallel; in game order."""
   if spec.kind == "stockfish":
     require_stockfish()  # fail before starting workers
@@ -170,8 +179,12 @@ def load_games(spec: GameSpec, *, chunk_size: int = 500, processes: int | None =
     processes = min(processes or os.cpu_count() or 1, len(missing))
     from tqdm import tqdm  # noqa: PLC0415
 
-    bar = tqdm(total=sum(c[3] - c[2] for c in missing), unit="game", disable=not progress,
-               desc=f"chess {spec.kind} games")  # fmt: skip
+    bar = tqdm(
+      total=sum(c[3] - c[2] for c in missing),
+      unit="game",
+      disable=not progress,
+      desc=f"chess {spec.kind} games",
+    )
     if processes == 1:
       for c in missing:
         bar.update(_generate_chunk(c)[1])
