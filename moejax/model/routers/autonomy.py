@@ -1,0 +1,111 @@
+"""Autonomy-of-Experts: every expert scores itself by the norm of its own low-rank activation.
+
+Lv, Xie, Qian, Wu, Sun, Kang, Wang, Yan, "Autonomy-of-Experts Models", ICML 2025,
+arXiv:2501.13074 (reference code: trestad/Autonomy-of-Experts, AoE.py and the earlier moe.py).
+
+Expert e is a SwiGLU FFN whose gate projection is factorised, W_g^e = W_down^e W_up^e:
+  E_e(x) = (SiLU(x W_down^e W_up^e) * (x W_p^e)) W_o^e,
+with W_down^e [D, M], W_up^e [M, F], W_p^e [D, F], W_o^e [F, D]. There is no router: every
+expert computes c_e = x W_down^e (one [D, E*M] matmul for all experts), the scores are the norms
+n_e = ||c_e||_2, p = softmax(n) over experts (float32), and each token takes the top-k of p. The
+chosen experts continue from the cached c_e; the others stop after the [D, M] projection.
+
+Design choices:
+- Gates are p at the chosen experts WITHOUT renormalisation (the current AoE.py); the earlier
+  moe.py renormalised to sum 1: `normalize=True`.
+- n = sqrt(sum c^2 + 1e-12): finite gradient at c = 0.
+- Aux loss: the Switch load balance on p = softmax(norms), f_e = fraction of tokens with e in
+  their top-k (any rank), minimum k at balance; its weight (1e-2 as for the baselines) is
+  unconfirmed and belongs to the config. No z-loss (none in the reference).
+- Pairs are choice-rank-major like top-k (pair r*S + s is token s's (r+1)-th choice).
+- Metrics for the known pitfall (norms grow, softmax(n) has no temperature, p gets peaked):
+  mean_max_prob and mean_norm, besides expert_load and router_entropy.
+
+Legend: S tokens, D d_model, E experts, M low rank d_low, F expert hidden, K experts per token,
+N pairs, C capacity slots.
+
+Integration notes: the MoE layer must do its own expert compute: compute c = x W_down for all
+experts (`low_rank_activations`), route on it, carry each kept pair's cached c row
+(`chosen_activations`) through dispatch next to x (two buffers [E, C, D] and [E, C, M]), and
+run `autonomy_expert_ffn` on the buffers. The gradient reaches W_down through both p and the
+expert compute. Keep the parameter count of the baseline by shrinking F (D*M + M*F + 2*D*F =
+3*D*F_baseline); not automatic. Causality in the 'sequence' layout is as top-k: causal for k=1
+or dropless dispatch. Decoding needs no cache beyond attention's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.model.routers import base, priority
+from moejax.ops import aux_losses
+
+_NORM_EPS = 1e-12
+
+
+def low_rank_activations(x_sd: jax.Array, w_down_edm: jax.Array) -> jax.Array:
+  """c_e = x W_down^e for every expert: [S, D] x [E, D, M] -> [S, E, M] in x's dtype."""
+  return jnp.einsum("sd,edm->sem", x_sd, w_down_edm.astype(x_sd.dtype))
+
+
+def route_autonomy(c_sem: jax.Array, *, top_k: int, normalize: bool = False) -> base.SparseRouting:
+  """Autonomy-of-Experts routing of one group from the experts' own low-rank activations.
+
+  Args:
+    c_sem: float[S, E, M] c = x W_down^e of every token and expert.
+    top_k: k, experts per token.
+    normalize: renormalise each token's k gates to sum 1 (the earlier reference code).
+
+  Returns:
+    SparseRouting with N = S*k pairs; pair r*S + s is token s's (r+1)-th choice; weight = p.
+    aux_losses: load_balance_loss (Switch form on softmax(norms)).
+    metrics: expert_load float32[E], router_entropy, mean_max_prob, mean_norm.
+  """
+  num_experts = c_sem.shape[1]
+  base.check_top_k(top_k, num_experts)
+  c_sem = c_sem.astype(jnp.float32)
+  norm_se = jnp.sqrt(jnp.sum(jnp.square(c_sem), axis=-1) + _NORM_EPS)
+  probs_se = jax.nn.softmax(norm_se, axis=-1)
+  # Shape: [S, K], choices sorted by decreasing probability.
+  gate_sk, expert_sk = jax.lax.top_k(probs_se, top_k)
+  if normalize:
+    gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
+
+  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  metrics = {
+    "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
+    "router_entropy": aux_losses.router_entropy(probs_se),
+    "mean_max_prob": jnp.mean(jnp.max(probs_se, axis=-1)),
+    "mean_norm": jnp.mean(norm_se),
+  }
+  losses = {"load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se)}
+  return priority.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
+
+
+def chosen_activations(c_sem: jax.Array, routing: base.SparseRouting) -> jax.Array:
+  """The cached c row of every pair: c[token_n, expert_n], [S, E, M] -> [N, M]."""
+  return c_sem[routing.token_index, routing.expert_index]
+
+
+def autonomy_expert_ffn(
+  x_ecd: jax.Array,
+  c_ecm: jax.Array,
+  w_up_emf: jax.Array,
+  w_p_edf: jax.Array,
+  w_o_efd: jax.Array,
+) -> jax.Array:
+  """Expert e on its buffer, from the cached c: (SiLU(c W_up^e) * (x W_p^e)) W_o^e.
+
+  Args:
+    x_ecd: [E, C, D] tokens dispatched to each expert; the computation runs in this dtype.
+    c_ecm: [E, C, M] their cached low-rank activations c = x W_down^e (same slots).
+    w_up_emf: [E, M, F]; w_p_edf: [E, D, F]; w_o_efd: [E, F, D].
+
+  Returns:
+    [E, C, D] expert outputs in x's dtype.
+  """
+  dtype = x_ecd.dtype
+  gate_ecf = jax.nn.silu(jnp.einsum("ecm,emf->ecf", c_ecm.astype(dtype), w_up_emf.astype(dtype)))
+  value_ecf = jnp.einsum("ecd,edf->ecf", x_ecd, w_p_edf.astype(dtype))
+  return jnp.einsum("ecf,efd->ecd", gate_ecf * value_ecf, w_o_efd.astype(dtype))
