@@ -125,12 +125,24 @@ def test_blockwise_query_without_visible_key_outputs_zeros():
 
 def test_blockwise_bf16_inputs_accumulate_in_float32():
   q, k, v, kw = _inputs("prefill_gqa")
-  want = jax.jit(lambda q, k, v: attn.reference_attention(q, k, v, **kw))(q, k, v)
+  cotangent = _rand(5, q.shape)
+
+  def value_and_grads(fn, q, k, v):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * cotangent)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+  _, want_grads = value_and_grads(attn.reference_attention, q, k, v)
   low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  got = jax.jit(lambda q, k, v: _blockwise(q, k, v, **kw))(*low)
-  assert got.dtype == jnp.bfloat16
-  # bf16 rounding of inputs and output only (relative 2^-8), no bf16 accumulation error.
-  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+  _, got_grads = value_and_grads(_blockwise, *low)
+  out = jax.jit(lambda q, k, v: _blockwise(q, k, v, **kw))(*low)
+  assert out.dtype == jnp.bfloat16 and got_grads[0].dtype == jnp.bfloat16
+  # bf16 rounding of inputs, probabilities and outputs (relative 2^-8) but no bf16 accumulation
+  # over keys: within a few bf16 ulps of the float32 reference (values up to ~4).
+  np.testing.assert_allclose(
+    out.astype(jnp.float32), attn.reference_attention(q, k, v, **kw), atol=3e-2
+  )
+  for g_got, g_want in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(g_got.astype(jnp.float32), g_want, atol=3e-2)
 
 
 def test_splash_interpret_matches_reference_with_gqa_padding_and_kv_len():
