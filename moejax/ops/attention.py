@@ -138,8 +138,7 @@ def splash_attention(
   num_heads, _ = attention_mask.check_shapes(q_blhk, k_bmgk, v_bmgk, kv_len)
   if not attention_mask.is_static_int(q_offset):
     raise ValueError("splash attention needs a static int q_offset; decode with impl='xla'")
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
+  splash = _import_splash()
   (b, length, _, head_dim), max_len = q_blhk.shape, k_bmgk.shape[1]
   padded_q, padded_k = _round_up(length, SPLASH_LANES), _round_up(max_len, SPLASH_LANES)
   kernel = _splash_kernel(num_heads, padded_q, padded_k, int(q_offset), causal, block, interpret)
@@ -155,6 +154,17 @@ def splash_attention(
   segments = splash.SegmentIds(q=q_segment_bl, kv=kv_segment_bm)
   out_bhlk = jax.vmap(kernel)(q, k, v, segment_ids=segments)
   return jnp.einsum("bhlk->blhk", out_bhlk[:, :, :length])
+
+
+def _import_splash():
+  try:
+    from jax.experimental.pallas.ops.tpu import splash_attention
+  except ImportError as e:
+    raise ImportError(
+      f"this jax ({jax.__version__}) has no jax.experimental.pallas.ops.tpu.splash_attention; "
+      "use impl='xla' or 'blockwise'"
+    ) from e
+  return splash_attention
 
 
 def _padded_heads_major(x_blhk, length: int):
@@ -177,8 +187,7 @@ def _largest_block(n: int, block: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(num_heads, padded_q, padded_k, q_offset, causal, block, interpret):
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
+  splash = _import_splash()
   shape = (padded_q, padded_k)
   one = splash.CausalMask(shape, offset=q_offset) if causal else splash.FullMask(shape)
   bq, bk = _largest_block(padded_q, block), _largest_block(padded_k, block)
