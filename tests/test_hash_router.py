@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model.routers import hash as hash_router
+from moejax.model.routers import hash_layers as hash_router
 
 route = jax.jit(hash_router.route_hash, static_argnames=("num_experts",))
 

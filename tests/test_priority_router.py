@@ -140,7 +140,7 @@ def test_rejects_pairs_that_are_not_rank_major_over_the_tokens():
 def test_rank_major_routing_hand_case():
   # Two tokens, two choices each: t0 -> (e3, .7), (e1, .2); t1 -> (e0, .6), (e2, .3), the
   # second choice of t1 not valid. Pairs: t0's first, t1's first, t0's second, t1's second.
-  routing = priority.rank_major_routing(
+  routing = base.rank_major_routing(
     jnp.array([[3, 1], [0, 2]]),
     jnp.array([[0.7, 0.2], [0.6, 0.3]]),
     jnp.array([[True, True], [True, False]]),

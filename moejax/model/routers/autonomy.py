@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.model.routers import base, priority
+from moejax.model.routers import base
 from moejax.ops import aux_losses
 
 _NORM_EPS = 1e-12
@@ -80,7 +80,7 @@ def route_autonomy(c_sem: jax.Array, *, top_k: int, normalize: bool = False) -> 
     "mean_norm": jnp.mean(norm_se),
   }
   losses = {"load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se)}
-  return priority.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
+  return base.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
 
 
 def chosen_activations(c_sem: jax.Array, routing: base.SparseRouting) -> jax.Array:

@@ -137,6 +137,40 @@ def check_top_k(top_k: int, num_experts: int) -> None:
     raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
 
 
+def rank_major_routing(
+  expert_sk: jax.Array,
+  weight_sk: jax.Array,
+  valid_sk: jax.Array | None = None,
+  *,
+  aux_losses: dict[str, jax.Array],
+  metrics: dict[str, jax.Array],
+) -> SparseRouting:
+  """The SparseRouting of per-token choices, in choice-rank-major pair order.
+
+  Args:
+    expert_sk: int[S, K] each token's chosen experts, best first.
+    weight_sk: float[S, K] their combine weights.
+    valid_sk: bool[S, K] which choices claim anything; None means all.
+    aux_losses: the router's unweighted losses.
+    metrics: the router's logged statistics.
+
+  Returns:
+    SparseRouting with N = S*K pairs; pair r*S + s is token s's (r+1)-th choice.
+  """
+  num_tokens, num_choices = expert_sk.shape
+  if valid_sk is None:
+    valid_sk = jnp.ones(expert_sk.shape, bool)
+  # [S, K] -> [K, S] -> [N].
+  return SparseRouting(
+    token_index=jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), num_choices),
+    expert_index=expert_sk.T.reshape(-1).astype(jnp.int32),
+    combine_weight=weight_sk.T.reshape(-1).astype(jnp.float32),
+    valid=valid_sk.T.reshape(-1),
+    aux_losses=aux_losses,
+    metrics=metrics,
+  )
+
+
 def router_kernel(rngs: nnx.Rngs, d_model: int, num_experts: int, init_std: float) -> nnx.Param:
   """A float32 [D, E] router matrix, normal(init_std); experts are few, so E stays replicated."""
   init = jax.nn.initializers.normal(stddev=init_std)

@@ -138,26 +138,14 @@ def route_deepseek(
   denom_s1 = jnp.maximum(jnp.sum(gate_sk, axis=-1, keepdims=True), 1e-30)
   gate_sk = gate_sk / denom_s1 * route_scale
 
-  # [S, K] -> [K, S] -> [N]: choice-rank-major pair order.
-  expert_n = expert_sk.T.reshape(-1).astype(jnp.int32)
-  weight_n = gate_sk.T.reshape(-1)
-  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
-  valid_n = jnp.ones((num_tokens * top_k,), dtype=bool)
-
   chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
   norm_se = scores_se / jnp.sum(scores_se, axis=-1, keepdims=True)
   metrics = {
     "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
     "router_entropy": jnp.mean(jnp.sum(jax.scipy.special.entr(norm_se), axis=-1)),
   }
-  return base.SparseRouting(
-    token_index=token_n,
-    expert_index=expert_n,
-    combine_weight=weight_n,
-    valid=valid_n,
-    aux_losses={"sequence_balance_loss": sequence_balance_loss(scores_se, chosen_se, top_k)},
-    metrics=metrics,
-  )
+  losses = {"sequence_balance_loss": sequence_balance_loss(scores_se, chosen_se, top_k)}
+  return base.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
 
 
 def bias_update(bias_e: jax.Array, expert_index: jax.Array, valid: jax.Array, rate: float):

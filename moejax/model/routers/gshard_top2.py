@@ -98,14 +98,11 @@ def route_gshard_top2(
   else:
     keep_second_s = jnp.ones((num_tokens,), dtype=bool)
 
-  # [S, 2] -> [2, S] -> [N]: first choices of all tokens, then the second choices.
-  expert_n = expert_s2.T.reshape(-1).astype(jnp.int32)
-  valid_n = jnp.concatenate([jnp.ones((num_tokens,), dtype=bool), keep_second_s])
-  weight_n = jnp.where(valid_n, gate_s2.T.reshape(-1), 0.0)
-  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), 2)
-
+  valid_s2 = jnp.stack([jnp.ones((num_tokens,), dtype=bool), keep_second_s], axis=1)
   first_se = jax.nn.one_hot(expert_s2[:, 0], num_experts, dtype=jnp.float32)
-  claims_e = jnp.zeros((num_experts,), jnp.float32).at[expert_n].add(valid_n.astype(jnp.float32))
+  claims_e = jnp.einsum(
+    "ske,sk->e", jax.nn.one_hot(expert_s2, num_experts, dtype=jnp.float32), valid_s2
+  )
   losses = {
     # E * sum_e mean_s(p_se) * mean_s(first choice of s is e).
     "load_balance_loss": aux_losses.load_balance_loss(probs_se, first_se),
@@ -116,14 +113,9 @@ def route_gshard_top2(
     "router_entropy": aux_losses.router_entropy(probs_se),
     "second_kept_fraction": jnp.mean(keep_second_s.astype(jnp.float32)),
   }
-  return base.SparseRouting(
-    token_index=token_n,
-    expert_index=expert_n,
-    combine_weight=weight_n,
-    valid=valid_n,
-    aux_losses=losses,
-    metrics=metrics,
-  )
+  # First choices of all tokens, then the second choices; a skipped second choice has weight 0.
+  weight_s2 = jnp.where(valid_s2, gate_s2, 0.0)
+  return base.rank_major_routing(expert_s2, weight_s2, valid_s2, aux_losses=losses, metrics=metrics)
 
 
 @dataclasses.dataclass(frozen=True)

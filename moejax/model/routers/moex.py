@@ -84,11 +84,9 @@ def route_scores(score_se: jax.Array, *, top_k: int) -> base.SparseRouting:
   gate_sk = jax.nn.softmax(chosen_score_sk, axis=-1)
   chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
   probs_se = jax.nn.softmax(score_se, axis=-1)
-  return base.SparseRouting(
-    token_index=jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k),
-    expert_index=expert_sk.T.reshape(-1).astype(jnp.int32),
-    combine_weight=gate_sk.T.reshape(-1),
-    valid=jnp.ones((num_tokens * top_k,), bool),
+  return base.rank_major_routing(
+    expert_sk,
+    gate_sk,
     aux_losses={"load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se)},
     metrics={"expert_load": jnp.mean(chosen_se, axis=0) / top_k},
   )

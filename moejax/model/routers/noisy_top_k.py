@@ -96,12 +96,6 @@ def route_noisy_top_k(
   expert_sk = top_idx[:, :top_k]
   gate_sk = jax.nn.softmax(top_vals[:, :top_k], axis=-1)
 
-  # [S, K] -> [K, S] -> [N]: choice-rank-major pair order.
-  expert_n = expert_sk.T.reshape(-1).astype(jnp.int32)
-  weight_n = gate_sk.T.reshape(-1)
-  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
-  valid_n = jnp.ones((num_tokens * top_k,), dtype=bool)
-
   # G [S, E]: the gates scattered to their experts (0 for the others).
   choice_ske = jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32)
   gates_se = jnp.einsum("sk,ske->se", gate_sk, choice_ske)
@@ -123,14 +117,7 @@ def route_noisy_top_k(
     "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
     "router_entropy": aux_losses.router_entropy(jax.nn.softmax(clean_se, axis=-1)),
   }
-  return base.SparseRouting(
-    token_index=token_n,
-    expert_index=expert_n,
-    combine_weight=weight_n,
-    valid=valid_n,
-    aux_losses=losses,
-    metrics=metrics,
-  )
+  return base.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pair order of token-choice routing: choice-rank-major, and batch-prioritized.
 
-`rank_major_routing` builds the SparseRouting of token-choice routers from per-token choices
+`base.rank_major_routing` builds the SparseRouting of token-choice routers from per-token choices
 [S, K]: pair r*S + s is token s's (r+1)-th choice, so that under capacity pressure all first
 choices precede all second choices.
 
@@ -37,40 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model.routers import base
-
-
-def rank_major_routing(
-  expert_sk: jax.Array,
-  weight_sk: jax.Array,
-  valid_sk: jax.Array | None = None,
-  *,
-  aux_losses: dict[str, jax.Array],
-  metrics: dict[str, jax.Array],
-) -> base.SparseRouting:
-  """The SparseRouting of per-token choices, in choice-rank-major pair order.
-
-  Args:
-    expert_sk: int[S, K] each token's chosen experts, best first.
-    weight_sk: float[S, K] their combine weights.
-    valid_sk: bool[S, K] which choices claim anything; None means all.
-    aux_losses: the router's unweighted losses.
-    metrics: the router's logged statistics.
-
-  Returns:
-    SparseRouting with N = S*K pairs; pair r*S + s is token s's (r+1)-th choice.
-  """
-  num_tokens, num_choices = expert_sk.shape
-  if valid_sk is None:
-    valid_sk = jnp.ones(expert_sk.shape, bool)
-  # [S, K] -> [K, S] -> [N].
-  return base.SparseRouting(
-    token_index=jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), num_choices),
-    expert_index=expert_sk.T.reshape(-1).astype(jnp.int32),
-    combine_weight=weight_sk.T.reshape(-1).astype(jnp.float32),
-    valid=valid_sk.T.reshape(-1),
-    aux_losses=aux_losses,
-    metrics=metrics,
-  )
 
 
 def batch_prioritized(routing: base.SparseRouting, priority_s: jax.Array) -> base.SparseRouting:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.model.routers import base, priority
+from moejax.model.routers import base
 
 LEVELS = ("token", "sequence", "batch")
 CONSISTENCY_WEIGHT = 1.0  # alpha, the code default
@@ -98,7 +98,7 @@ def route_random(
   expert_s = draw_experts(num_tokens, num_experts, rng, level=level, sequence_ids_s=sequence_ids_s)
   load_e = jnp.mean(jax.nn.one_hot(expert_s, num_experts, dtype=jnp.float32), axis=0)
   weight_s1 = jnp.ones((num_tokens, 1), jnp.float32)
-  return priority.rank_major_routing(
+  return base.rank_major_routing(
     expert_s[:, None], weight_s1, aux_losses={}, metrics={"expert_load": load_e}
   )
 

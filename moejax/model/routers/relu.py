@@ -42,7 +42,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.model.routers import base, priority
+from moejax.model.routers import base
 
 L1_COEF_INIT = 1e-8  # lambda_0, the code's `moe_relu_l1_reg_coeff_init`
 L1_COEF_MULTIPLIER = 1.2  # alpha, the code's `moe_relu_l1_reg_coeff_multiplier`
@@ -111,6 +111,6 @@ def route_relu(logits_se: jax.Array, *, max_experts: int, top_k: int) -> base.Sp
     "truncated_fraction": jnp.mean((active_s > max_experts).astype(jnp.float32)),
     "expert_load": count_e / jnp.maximum(jnp.sum(count_e), 1.0),
   }
-  return priority.rank_major_routing(
+  return base.rank_major_routing(
     expert_sk, gate_sk, gate_sk > 0, aux_losses=losses, metrics=metrics
   )

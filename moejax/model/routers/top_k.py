@@ -52,12 +52,6 @@ def route_top_k(
   if normalize_weights:
     gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
 
-  # [S, K] -> [K, S] -> [N]: choice-rank-major pair order.
-  expert_n = expert_sk.T.reshape(-1).astype(jnp.int32)
-  weight_n = gate_sk.T.reshape(-1)
-  token_n = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
-  valid_n = jnp.ones((num_tokens * top_k,), dtype=bool)
-
   # The k chosen experts of a token are distinct, so the sum over K is a 0/1 indicator.
   chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
   losses = {
@@ -68,14 +62,7 @@ def route_top_k(
     "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
     "router_entropy": aux_losses.router_entropy(probs_se),
   }
-  return base.SparseRouting(
-    token_index=token_n,
-    expert_index=expert_n,
-    combine_weight=weight_n,
-    valid=valid_n,
-    aux_losses=losses,
-    metrics=metrics,
-  )
+  return base.rank_major_routing(expert_sk, gate_sk, aux_losses=losses, metrics=metrics)
 
 
 @dataclasses.dataclass(frozen=True)

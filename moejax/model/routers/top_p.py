@@ -40,7 +40,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.model.routers import base, priority
+from moejax.model.routers import base
 from moejax.ops import aux_losses
 
 TOP_P_THRESHOLD = 0.4  # the reference code's `top_p_threshold`
@@ -97,6 +97,4 @@ def route_top_p(
     "truncated_fraction": jnp.mean(truncated_s.astype(jnp.float32)),
     "expert_load": jnp.sum(kept_se, axis=0) / jnp.sum(kept_se),
   }
-  return priority.rank_major_routing(
-    expert_sk, gate_sk, keep_sk, aux_losses=losses, metrics=metrics
-  )
+  return base.rank_major_routing(expert_sk, gate_sk, keep_sk, aux_losses=losses, metrics=metrics)

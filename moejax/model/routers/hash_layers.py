@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.model.routers import base, priority
+from moejax.model.routers import base
 
 RANDOM_HASH_SEED = 42
 
@@ -117,7 +117,7 @@ def route_hash(
   expert_s = jnp.take(table_v.astype(jnp.int32), token_ids_s.astype(jnp.int32), axis=0, mode="clip")
   load_e = jnp.mean(jax.nn.one_hot(expert_s, num_experts, dtype=jnp.float32), axis=0)
   weight_s1 = jnp.ones((expert_s.shape[0], 1), jnp.float32)
-  return priority.rank_major_routing(
+  return base.rank_major_routing(
     expert_s[:, None], weight_s1, aux_losses={}, metrics={"expert_load": load_e}
   )
 
