@@ -30,12 +30,15 @@ from jax.sharding import NamedSharding
 
 from moejax import config_lib, restore, sharding, train_step
 from moejax.data import chess as chess_data
-from moejax.data import pipeline, sources
+from moejax.data import mixture, pipeline, shard_format, sources
 
 
 def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
   """Global host batches {inputs, targets: int32[B, L]}: the validation split or `data` files."""
   t = cfg.train
+  prepared_run = mixture.uses_prepared(cfg.data.source, cfg.data.mixture)
+  if (data is None and prepared_run) or (data or "").startswith(shard_format.PREFIX):
+    return mixture.evaluation_batches(cfg, workdir, data, num_batches)  # prepared held-out part
   if data is None:
     dataset = pipeline.build_dataset(
         source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
@@ -126,7 +129,9 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--workdir", required=True, help="the run directory of moejax.train")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--data", default=None, help="comma-separated globs of .txt/.jsonl files")
+  parser.add_argument(
+    "--data", default=None, help="globs of .txt/.jsonl files, or prepared:DIR (its held-out part)"
+  )
   parser.add_argument("--batches", type=int, default=None, help="batches to evaluate")
   parser.add_argument("--mesh", default="", help="e.g. data=2,expert=4 (default: the run's)")
   parser.add_argument("--json", default=None, help="write the results as JSON here ('-' stdout)")

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moejax import config_lib, decode, restore, sharding
-from moejax.data import pipeline
+from moejax.data import mixture, pipeline
 
 
 def filter_logits(logits_bv, *, top_k: int = 0, top_p: float = 1.0):
@@ -156,7 +156,10 @@ def main(argv=None) -> list[str]:
       raise config_lib.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
-  tokenizer = pipeline.run_tokenizer(cfg.data.source, args.workdir)
+  if mixture.uses_prepared(cfg.data.source, cfg.data.mixture):  # prepared data (mixture.py)
+    tokenizer = mixture.run_tokenizer(cfg)
+  else:
+    tokenizer = pipeline.run_tokenizer(cfg.data.source, args.workdir)
   ids = tokenizer.encode(args.prompt)
   if not ids:
     raise config_lib.ConfigError("--prompt encodes to no token; give some text")

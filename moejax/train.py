@@ -38,7 +38,7 @@ from moejax import (
 from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax import upcycle as upcycle_lib
-from moejax.data import pipeline
+from moejax.data import mixture, pipeline
 from moejax.model.transformer import Transformer
 
 
@@ -110,27 +110,28 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   checkpoint.write_config(workdir, cfg.to_dict())
 
   # ---------------------------------------------------------------- Data
-  build = lambda: pipeline.build_dataset(
-      source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
-      seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
-      decode_errors=cfg.data.decode_errors,
-  )  # fmt: skip
-  data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = pipeline.train_iterator(
-    data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
-  )
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules))
+  if mixture.uses_prepared(cfg.data.source, cfg.data.mixture):  # prepared shards (mixture.py)
+    data, train_iter, host_evals = mixture.open_for_training(cfg, batch_sharding)
+  else:
+    build = lambda: pipeline.build_dataset(
+        source=cfg.data.source, workdir=workdir, vocab_size=cfg.model.vocab_size,
+        seq_len=t.seq_len, val_fraction=cfg.data.val_fraction, jsonl_field=cfg.data.jsonl_field,
+        decode_errors=cfg.data.decode_errors,
+    )  # fmt: skip
+    data = distributed.writer_first("data", build)  # process 0 writes tokenizer + tokens first
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.train_iterator(
+      data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
+    )
+    host_evals = pipeline.eval_batches(
+      data.val_blocks, global_batch=t.batch_size, num_batches=cfg.data.eval_batches, **proc
+    )
   to_global = lambda batch: {
     k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v, np.int32))
     for k, v in batch.items()
   }
-  eval_batches = [
-    to_global(b)
-    for b in pipeline.eval_batches(
-      data.val_blocks, global_batch=t.batch_size, num_batches=cfg.data.eval_batches, **proc
-    )
-  ]
+  eval_batches = [to_global(b) for b in host_evals]
 
   with sharding.activate(mesh, rules):
     # -------------------------------------------------------------- Step
@@ -188,6 +189,8 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
           values[faults.SKIPPED_KEY] = monitor.check()
           now = time.perf_counter()
           values["tokens_per_second"] = (done - tick_step) * tokens_per_step / (now - tick)
+          if isinstance(data, mixture.PreparedData):  # tokens read per source
+            values.update(data.token_counts(done, t.batch_size))
           tick, tick_step = now, done
           logged = writer.write(done, values)
           if bar is not None:
