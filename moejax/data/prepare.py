@@ -117,11 +117,71 @@ def prepare(
         raise PrepareInterrupted(f"stopped after {done} shards (test hook)")
   seconds = time.perf_counter() - start
 
-  records = [
-    read_json(os.path.join(out, record_file(i)), "a shard record") for i in range(len(plan))
-  ]
+  index = write_index(out, len(plan), settings, name, data, tok)
+  rate = new_tokens / seconds if seconds > 0 and new_tokens else 0.0
+  log(
+    f"prepare: {out}: {index['tokens']} tokens, {index['documents']} documents, "
+    f"{len(plan)} shards; tokenized {new_tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s)"
+  )
+  return {**index, "new_tokens": new_tokens, "seconds": seconds}
+
+
+def write_shard(out: str, i: int, pieces: list[readers.Piece], field: str, tok) -> dict:
+  """Tokenizes the documents of `pieces` into shard `i` of `out`; returns its record."""
+
+  def documents_as_ids():
+    documents = (readers.read_documents(p, field) for p in pieces)
+    for batch in _batches(itertools.chain.from_iterable(documents)):
+      ids = tok.encode_batch(batch)
+      lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+      flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
+      yield np.insert(flat, np.cumsum(lengths), tok.eos_id), len(batch)  # eos after each
+
+  inputs = [p.to_json() for p in pieces]
+  return write_shard_tokens(out, i, documents_as_ids(), tok.vocab_size, inputs)
+
+
+def write_shard_tokens(out: str, i: int, chunks, vocab_size: int, inputs: list) -> dict:
+  """Writes shard `i` of `out` from `chunks` of (int64[n] ids, documents in them); its record.
+
+  Writes .bin, then .counts.npy, then the record (the done marker), each atomically.
+  """
+  dtype = tokenizer_files.token_dtype(vocab_size)
+  path = os.path.join(out, shard_file(i))
+  temp = temporary_path(path)
+  digest, counts = hashlib.sha256(), np.zeros([vocab_size], np.int64)
+  tokens = documents = 0
+  with open(temp, "wb") as f:
+    for ids, num_documents in chunks:
+      if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise PreparedDataError(
+          f"the tokenizer produced id {int(ids.max())} outside its vocabulary of {vocab_size}: "
+          "a broken tokenizer file"
+        )
+      raw = ids.astype(dtype).tobytes()
+      f.write(raw)
+      digest.update(raw)
+      counts += np.bincount(ids, minlength=vocab_size)
+      tokens, documents = tokens + ids.size, documents + num_documents
+  os.replace(temp, path)
+  _save_npy(os.path.join(out, counts_file(i)), counts)
+  record = {
+    "file": shard_file(i),
+    "tokens": tokens,
+    "documents": documents,
+    "bytes": tokens * dtype.itemsize,
+    "sha256": digest.hexdigest(),
+    "inputs": inputs,
+  }
+  write_json_atomically(os.path.join(out, record_file(i)), record)
+  return record
+
+
+def write_index(out: str, num_shards: int, settings: dict, name: str, data: bytes, tok) -> dict:
+  """Sums the shards' counts into token_counts.npy, then writes index.json (the commit point)."""
+  records = [read_json(os.path.join(out, record_file(i)), "a record") for i in range(num_shards)]
   counts = np.zeros([tok.vocab_size], np.int64)
-  for i in range(len(plan)):
+  for i in range(num_shards):
     counts += np.load(os.path.join(out, counts_file(i)))
   _save_npy(os.path.join(out, TOKEN_COUNTS), counts)
   index = {
@@ -133,7 +193,7 @@ def prepare(
       "sha256": tokenizer_files.sha256_of(data),
       "vocab_size": tok.vocab_size,
       "eos_id": tok.eos_id,
-      "eos_token": eos_token,
+      "eos_token": settings["tokenizer"].get("eos_token", ""),
     },
     "dtype": tokenizer_files.token_dtype(tok.vocab_size).name,
     "tokens": sum(r["tokens"] for r in records),
@@ -143,54 +203,7 @@ def prepare(
   write_json_atomically(os.path.join(out, INDEX), index)
   if os.path.exists(os.path.join(out, SETTINGS)):
     os.remove(os.path.join(out, SETTINGS))
-  rate = new_tokens / seconds if seconds > 0 and new_tokens else 0.0
-  log(
-    f"prepare: {out}: {index['tokens']} tokens, {index['documents']} documents, "
-    f"{len(records)} shards; tokenized {new_tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s)"
-  )
-  return {**index, "new_tokens": new_tokens, "seconds": seconds}
-
-
-def write_shard(out: str, i: int, pieces: list[readers.Piece], field: str, tok) -> dict:
-  """Tokenizes the documents of `pieces` into shard `i` of `out`; returns its record.
-
-  Writes .bin, then .counts.npy, then the record (the done marker), each atomically.
-  """
-  dtype = tokenizer_files.token_dtype(tok.vocab_size)
-  path = os.path.join(out, shard_file(i))
-  temp = temporary_path(path)
-  digest, counts = hashlib.sha256(), np.zeros([tok.vocab_size], np.int64)
-  tokens = documents = 0
-  with open(temp, "wb") as f:
-    for batch in _batches(
-      itertools.chain.from_iterable(readers.read_documents(p, field) for p in pieces)
-    ):
-      ids = tok.encode_batch(batch)
-      lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-      flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
-      flat = np.insert(flat, np.cumsum(lengths), tok.eos_id)  # eos after every document
-      if flat.size and (flat.min() < 0 or flat.max() >= tok.vocab_size):
-        raise PreparedDataError(
-          f"the tokenizer produced id {int(flat.max())} outside its vocabulary of "
-          f"{tok.vocab_size}: a broken tokenizer file"
-        )
-      raw = flat.astype(dtype).tobytes()
-      f.write(raw)
-      digest.update(raw)
-      counts += np.bincount(flat, minlength=tok.vocab_size)
-      tokens, documents = tokens + flat.size, documents + len(batch)
-  os.replace(temp, path)
-  _save_npy(os.path.join(out, counts_file(i)), counts)
-  record = {
-    "file": shard_file(i),
-    "tokens": tokens,
-    "documents": documents,
-    "bytes": tokens * dtype.itemsize,
-    "sha256": digest.hexdigest(),
-    "inputs": [p.to_json() for p in pieces],
-  }
-  write_json_atomically(os.path.join(out, record_file(i)), record)
-  return record
+  return index
 
 
 def _claim(out: str, settings: dict) -> None:
