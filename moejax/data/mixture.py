@@ -103,7 +103,7 @@ class PreparedData:
   """Prepared sources with their schedule; see the module docstring for the methods.
 
   Attributes:
-    names: a short name per source (metric keys `tokens_<name>`).
+    names: a short name per source (metric keys `data_tokens/<name>`).
     tokenizer: the sources' (shared) tokenizer.
     unigram_entropy_nats: entropy of the weighted mixture of the sources' token frequencies.
   """
@@ -176,7 +176,7 @@ class PreparedData:
   def token_counts(self, step: int, global_batch: int) -> dict[str, float]:
     """Training tokens (targets) each source has given after `step` steps."""
     before = self.schedule.sequences_before(step * global_batch) * self.seq_len
-    return {f"tokens_{name}": float(v) for name, v in zip(self.names, before, strict=True)}
+    return {f"data_tokens/{name}": float(v) for name, v in zip(self.names, before, strict=True)}
 
   def _read(self, n: np.ndarray, blocks_of) -> dict[str, np.ndarray]:
     """Blocks of global sequences `n`: blocks_of(source, positions) gives corpus block ids."""
