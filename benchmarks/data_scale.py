@@ -17,7 +17,8 @@ r"""Training start-up time and memory on a tiny vs a >= 2 billion token prepared
 `measure` trains `configs/switch_base.py:tiny` for 10 steps on each corpus in a fresh process
 (one CPU device, log_every=1), alternating the corpora for `--rounds` rounds, and reports per
 corpus the start-up time (process start to the end of step 1, from the step-1 line of
-metrics.jsonl) and the resident memory (VmRSS) of the process after step 10.
+metrics.jsonl) and the resident memory (VmRSS) of the process after step 10. It also times,
+in its own process, opening each corpus and reading its first batch.
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def measure(root: str, rounds: int) -> None:
       index = json.load(f)
     size = sum(r["bytes"] for r in index["shards"]) / 2**30
     print(f"{name}: {index['tokens']:,} tokens, {len(index['shards'])} shards, {size:.2f} GiB")
+  for name, path in corpora.items():  # the data part alone, in this process
+    from moejax.data import mixture
+
+    start = time.perf_counter()
+    data = mixture.open_source(f"prepared:{path}", seq_len=128, val_fraction=0.05, vocab_size=2048)
+    next(data.train_iterator(16, 0, (0, 16)))
+    seconds = time.perf_counter() - start
+    print(f"{name}: open + index checks + first batch of 16 x 129 tokens: {seconds * 1e3:.0f} ms")
   results = {name: [] for name in corpora}
   for r in range(rounds):
     for name, path in corpora.items():

@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import resource
 import sys
 import time
 
@@ -106,7 +107,7 @@ def prepare(
 
   todo = [i for i in range(len(plan)) if not _is_finished(out, i)]
   log(f"prepare: {len(plan)} shards, {len(plan) - len(todo)} already done, {workers} workers")
-  start, new_tokens = time.perf_counter(), 0
+  start, cpu_start, new_tokens = time.perf_counter(), _cpu_seconds(), 0
   tasks = [(out, i, [p.to_json() for p in plan[i]], field) for i in todo]
   with _worker_pool(workers, name, data, eos_token) as pool:
     results = pool.imap_unordered(_work, tasks) if pool else map(_work, tasks)
@@ -115,7 +116,7 @@ def prepare(
       log(f"prepare: {record['file']} {record['tokens']} tokens ({done}/{len(todo)})")
       if stop_after_shards is not None and done >= stop_after_shards:
         raise PrepareInterrupted(f"stopped after {done} shards (test hook)")
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
 
   index = write_index(out, len(plan), settings, name, data, tok)
   rate = new_tokens / seconds if seconds > 0 and new_tokens else 0.0
@@ -123,7 +124,7 @@ def prepare(
     f"prepare: {out}: {index['tokens']} tokens, {index['documents']} documents, "
     f"{len(plan)} shards; tokenized {new_tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s)"
   )
-  return {**index, "new_tokens": new_tokens, "seconds": seconds}
+  return {**index, "new_tokens": new_tokens, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def write_shard(out: str, i: int, pieces: list[readers.Piece], field: str, tok) -> dict:
@@ -298,6 +299,15 @@ def _batches(documents, max_chars: int = _BATCH_CHARS):
       batch, chars = [], 0
   if batch:
     yield batch
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and its finished children (the joined workers)."""
+  own, children = (
+    resource.getrusage(resource.RUSAGE_SELF),
+    resource.getrusage(resource.RUSAGE_CHILDREN),
+  )
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
