@@ -50,7 +50,11 @@ def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
     if cfg.data.source.startswith(chess_data.PREFIX):
       tokens = pipeline.chess_documents_to_tokens(documents)
     else:
-      tokenizer = pipeline.run_tokenizer(cfg.data.source, workdir)
+      tokenizer = (
+        mixture.run_tokenizer(cfg)
+        if prepared_run
+        else pipeline.run_tokenizer(cfg.data.source, workdir)
+      )
       tokens = pipeline.tokenize_documents(documents, tokenizer)
     blocks = pipeline.pack_blocks(tokens, t.seq_len)
     default_batches = max(1, len(blocks) // t.batch_size)

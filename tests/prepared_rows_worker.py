@@ -22,7 +22,7 @@ from moejax import config_lib, sharding  # noqa: E402
 from moejax import mesh as mesh_lib  # noqa: E402
 from moejax.data import mixture  # noqa: E402
 
-BATCH, SEQ_LEN, SEED = 16, 8, 5
+BATCH, SEQ_LEN, SEED = 16, 8, 5  # tests/test_prepared_multiprocess.py uses the same
 
 
 def main(process_id: int, port: str, layout: str, spec: str, out: str) -> None:

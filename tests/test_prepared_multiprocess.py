@@ -17,9 +17,10 @@ import pytest
 
 from moejax.data import mixture
 from tests import prepared_corpus
-from tests.prepared_rows_worker import BATCH, SEED, SEQ_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
+BATCH, SEQ_LEN, SEED = 16, 8, 5  # as in tests/prepared_rows_worker.py (not imported: it sets
+# XLA_FLAGS for its own process)
 
 
 @pytest.fixture(scope="module")

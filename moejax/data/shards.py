@@ -65,15 +65,22 @@ class PreparedCorpus:
       found = index.get("format") if isinstance(index, dict) else type(index).__name__
       raise PreparedDataError(f"{path}: format {found!r}, expected {FORMAT!r}; prepare it again")
     self.index = index
-    self.dtype = np.dtype(index["dtype"])
-    tok = index["tokenizer"]
-    self.tokenizer_file = os.path.join(directory, tok["file"])
-    self.tokenizer_sha256, self.vocab_size, self.eos_id = (
-      tok["sha256"],
-      tok["vocab_size"],
-      tok["eos_id"],
-    )
-    self.tokens_per_shard = np.asarray([s["tokens"] for s in index["shards"]], np.int64)
+    try:
+      self.dtype = np.dtype(index["dtype"])
+      tok = index["tokenizer"]
+      self.tokenizer_file = os.path.join(directory, tok["file"])
+      self.tokenizer_sha256, self.vocab_size = tok["sha256"], tok["vocab_size"]
+      self.eos_id = tok["eos_id"]
+      self.tokens_per_shard = np.asarray([s["tokens"] for s in index["shards"]], np.int64)
+      for record in index["shards"]:
+        missing = [k for k in ("file", "bytes", "sha256") if k not in record]
+        if missing:
+          raise KeyError(missing[0])
+    except (KeyError, TypeError, ValueError) as e:
+      raise PreparedDataError(
+        f"{path} lacks or garbles the entry {e}: it was not written by moejax.data.prepare, or "
+        "was edited; prepare the corpus again"
+      ) from None
     self._check(verify)
     self._maps: dict[int, np.ndarray] = {}
 
