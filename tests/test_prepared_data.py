@@ -114,7 +114,7 @@ def test_mixture_proportions_within_one_percent_over_10000_sequences(corpora):
   counts = data.token_counts(steps, batch)
   names = data.names
   assert counts == {
-    f"tokens_{n}": sources.count(s) * L for n, s in zip(names, weights, strict=True)
+    f"data_tokens/{n}": sources.count(s) * L for n, s in zip(names, weights, strict=True)
   }
 
 
