@@ -75,6 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.05
   d.decode_errors = "fail"  # a file (or .jsonl line) that is not UTF-8: "fail" or "skip" it
   d.eval_batches = 8
+  # Data at scale (moejax/data/mixture.py): data.source='prepared:DIR' reads a directory written
+  # by `python -m moejax.data.prepare`; data.mixture='DIR:WEIGHT,DIR:WEIGHT' (non-empty) trains on
+  # weighted prepared directories instead of data.source. prepared_verify: what is checked of
+  # each shard at start, "size" (cheap) or "sha256" (reads every shard).
+  d.mixture = ""
+  d.prepared_verify = "size"
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000
@@ -206,6 +212,7 @@ _ONE_OF = (
   ("model.moe.group_layout", GROUP_LAYOUTS),
   ("train.nonfinite_policy", faults.POLICIES),
   ("data.decode_errors", DECODE_POLICIES),
+  ("data.prepared_verify", ("size", "sha256")),
 )
 
 

@@ -28,31 +28,31 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from moejax import cli, errors, restore, train_step
-from moejax.data import pipeline, sources
+from moejax.data import mixture, pipeline, shard_format, sources
 
 
 def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
-  """Global host batches {inputs, targets: int32[B, L]}: the validation split or `data` files.
-
-  The validation split is rebuilt exactly as training built it, from the run's `data` section
-  (source, field, decode policy, validation fraction).
-  """
+  """Global host batches {inputs, targets: int32[B, L]}: the run's validation split (rebuilt
+  exactly as training built it, from the run's `data` section), a prepared directory's held-out
+  part (`prepared:DIR`), or all full batches of text files."""
   t = cfg.train
   if data is None:
     dataset = pipeline.build_dataset(
       cfg.data, workdir=workdir, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len
     )
-    blocks, default_batches = dataset.val_blocks, cfg.data.eval_batches
-  else:
-    documents = sources.load_documents(
-      data, jsonl_field=cfg.data.jsonl_field, decode_errors=cfg.data.decode_errors
-    )
-    tokenizer = pipeline.run_tokenizer(cfg.data.source, workdir)
-    tokens = pipeline.encode_documents(cfg.data.source, documents, tokenizer)
-    blocks = pipeline.pack_blocks(tokens, t.seq_len)
-    default_batches = max(1, len(blocks) // t.batch_size)
+    return dataset.eval_batches(t.batch_size, num_batches or cfg.data.eval_batches, None)
+  if data.startswith(shard_format.PREFIX):
+    return mixture.evaluation_batches(cfg, workdir, data, num_batches)
+  documents = sources.load_documents(
+    data, jsonl_field=cfg.data.jsonl_field, decode_errors=cfg.data.decode_errors
+  )
+  tokenizer = pipeline.run_tokenizer(cfg.data, workdir)
+  tokens = pipeline.encode_documents(cfg.data.source, documents, tokenizer)
+  blocks = pipeline.pack_blocks(tokens, t.seq_len)
   return pipeline.eval_batches(
-    blocks, global_batch=t.batch_size, num_batches=num_batches or default_batches
+    blocks,
+    global_batch=t.batch_size,
+    num_batches=num_batches or max(1, len(blocks) // t.batch_size),
   )
 
 
@@ -113,7 +113,9 @@ def main(argv=None) -> dict:
   )
   parser.add_argument("--workdir", required=True, help="the run directory of moejax.train")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  parser.add_argument("--data", default=None, help="comma-separated globs of .txt/.jsonl files")
+  parser.add_argument(
+    "--data", default=None, help="globs of .txt/.jsonl files, or prepared:DIR (its held-out part)"
+  )
   parser.add_argument("--batches", type=int, default=None, help="batches to evaluate")
   parser.add_argument("--mesh", default="", help="e.g. data=2,expert=4 (default: the run's)")
   parser.add_argument("--json", default=None, help="write the results as JSON here ('-' stdout)")

@@ -171,7 +171,7 @@ def main(argv=None) -> list[str]:
       raise errors.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
-  tokenizer = pipeline.run_tokenizer(cfg.data.source, args.workdir)
+  tokenizer = pipeline.run_tokenizer(cfg.data, args.workdir)
   ids = tokenizer.encode(args.prompt)
   if not ids:
     raise errors.ConfigError("--prompt encodes to no token; give some text")

@@ -117,20 +117,16 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     cfg.data, workdir=str(workdir), vocab_size=cfg.model.vocab_size, seq_len=t.seq_len
   )
   data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = pipeline.train_iterator(
-    data.train_blocks, global_batch=t.batch_size, seed=t.seed, **proc
-  )
   batch_sharding = NamedSharding(mesh, rules.spec(("batch", "length")))
+  # This process's rows of every global batch, from the batch sharding (not assumed).
+  rows = pipeline.process_rows(batch_sharding, t.batch_size, t.seq_len)
+  train_iter = data.train_iterator(t.batch_size, t.seed, rows)
   to_global = lambda batch: {
     k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v, np.int32))
     for k, v in batch.items()
   }
   eval_batches = [
-    to_global(b)
-    for b in pipeline.eval_batches(
-      data.val_blocks, global_batch=t.batch_size, num_batches=cfg.data.eval_batches, **proc
-    )
+    to_global(b) for b in data.eval_batches(t.batch_size, cfg.data.eval_batches, rows)
   ]
 
   with jax.set_mesh(mesh):
@@ -191,6 +187,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
           values[faults.SKIPPED_KEY] = monitor.check()
           now = time.perf_counter()
           values["tokens_per_second"] = (done - tick_step) * tokens_per_step / (now - tick)
+          values.update(data.token_counts(done, t.batch_size))  # tokens read per source
           tick, tick_step = now, done
           logged = writer.write(done, values)
           if bar is not None:

@@ -215,29 +215,43 @@ def test_train_iterator_batches_epochs_and_shifted_targets():
   assert list(next(other_seed)["inputs"][:, 0] // 1000) != epochs[0][:4]
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_process_rows_concatenate_to_the_single_process_batch(process_count):
+@pytest.mark.parametrize("cuts", [(0, 4, 8), (0, 2, 4, 6, 8), (0, 3, 8)])
+def test_row_ranges_concatenate_to_the_single_process_batch(cuts):
   blocks = _numbered_blocks(50, seq_len=5)
   single = pipeline.train_iterator(blocks, global_batch=8, seed=0)
-  shards = [
-    pipeline.train_iterator(
-      blocks, global_batch=8, seed=0, process_index=i, process_count=process_count
-    )
-    for i in range(process_count)
+  parts_iters = [
+    pipeline.train_iterator(blocks, global_batch=8, seed=0, rows=(a, b))
+    for a, b in zip(cuts, cuts[1:], strict=False)
   ]
   for _ in range(10):  # Crosses epoch boundaries (50 blocks, 8 per batch).
     expected = next(single)
-    parts = [next(shard) for shard in shards]
+    parts = [next(it) for it in parts_iters]
     for key in ("inputs", "targets"):
-      assert parts[0][key].shape == (8 // process_count, 5)
+      assert parts[0][key].shape == (cuts[1] - cuts[0], 5)
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
 
 
-def test_batch_not_divisible_by_processes_is_an_error():
-  with pytest.raises(ValueError, match=r"global_batch=6 is not divisible by process_count=4"):
-    pipeline.train_iterator(_numbered_blocks(10, 3), global_batch=6, seed=0, process_count=4)
-  with pytest.raises(ValueError, match=r"global_batch=6 is not divisible by process_count=4"):
-    pipeline.eval_batches(_numbered_blocks(10, 3), global_batch=6, num_batches=1, process_count=4)
+def test_rows_outside_the_batch_are_an_error():
+  with pytest.raises(ValueError, match=r"rows \(4, 7\) are not a non-empty range of a batch of 6"):
+    pipeline.train_iterator(_numbered_blocks(10, 3), global_batch=6, seed=0, rows=(4, 7))
+  with pytest.raises(ValueError, match=r"rows \(3, 3\)"):
+    pipeline.eval_batches(_numbered_blocks(10, 3), global_batch=6, num_batches=1, rows=(3, 3))
+
+
+def test_process_rows_come_from_the_batch_sharding():
+  import jax
+
+  from moejax import config_lib, sharding
+  from moejax import mesh as mesh_lib
+
+  for axes in ({"data": 2, "expert": 4}, {"data": 4, "tensor": 2}):
+    cfg = config_lib.default_config()
+    for name, size in {"data": 1, **axes}.items():
+      cfg.mesh[name] = size
+    mesh = mesh_lib.make_mesh(config_lib.resolve_mesh_shape(cfg.mesh, 8), jax.devices())
+    spec = sharding.DEFAULT.spec(("batch", "length"))
+    rows = pipeline.process_rows(jax.sharding.NamedSharding(mesh, spec), 16, 4)
+    assert rows == (0, 16), (axes, rows)  # one process holds every row
 
 
 def test_iterator_state_resumes_to_identical_batches():
@@ -261,9 +275,7 @@ def test_eval_batches_are_the_first_full_batches():
   assert len(batches) == 2  # Only 2 full batches of 4 in 11 blocks.
   np.testing.assert_array_equal(batches[1]["inputs"][:, 0] // 1000, [4, 5, 6, 7])
   np.testing.assert_array_equal(batches[1]["targets"], blocks[4:8, 1:])
-  second_process = pipeline.eval_batches(
-    blocks, global_batch=4, num_batches=5, process_index=1, process_count=2
-  )
+  second_process = pipeline.eval_batches(blocks, global_batch=4, num_batches=5, rows=(2, 4))
   np.testing.assert_array_equal(second_process[0]["inputs"][:, 0] // 1000, [2, 3])
   with pytest.raises(ValueError, match=r"11 validation blocks do not make one full batch of "):
     pipeline.eval_batches(blocks, global_batch=12, num_batches=1)

@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from moejax import errors, paths
-from moejax.data import sources
+from moejax.data import mixture, shard_format, shards, sources
 from moejax.data import tokenizer as tokenizer_lib
 
 # Bounded prefetch: grain's default (500 batches) would hold gigabytes of large global batches.
@@ -52,6 +52,22 @@ class Dataset:
   train_blocks: np.ndarray
   val_blocks: np.ndarray
   unigram_entropy_nats: float
+
+  # The training-data interface (shared with data/mixture.py's PreparedData): batches are
+  # global, `rows` = [r0, r1) is the slice this process holds (`process_rows`).
+
+  def train_iterator(self, global_batch: int, seed: int, rows: tuple[int, int]):
+    return train_iterator(self.train_blocks, global_batch=global_batch, seed=seed, rows=rows)
+
+  def eval_batches(self, global_batch: int, num_batches: int, rows: tuple[int, int]) -> list:
+    return eval_batches(
+      self.val_blocks, global_batch=global_batch, num_batches=num_batches, rows=rows
+    )
+
+  def token_counts(self, step: int, global_batch: int) -> dict[str, float]:
+    """Tokens read per source (one source here: nothing to split)."""
+    del step, global_batch
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +120,56 @@ def check_source(source: str, *, vocab_size: int) -> None:
     )
 
 
-def build_dataset(data_cfg, *, workdir: str, vocab_size: int, seq_len: int) -> Dataset:
-  """The dataset of `data_cfg.source` (the config's `data` section), by its kind."""
+def build_dataset(data_cfg, *, workdir: str, vocab_size: int, seq_len: int):
+  """The training data of the config's `data` section: `data.mixture` of prepared corpora when
+  set, else `data.source` by its kind. Returns an object with `train_iterator`,
+  `eval_batches`, `token_counts`, `tokenizer` and `unigram_entropy_nats` (see `Dataset`)."""
+  if data_cfg.mixture.strip():
+    return mixture.open_source(
+      data_cfg.source,
+      data_cfg.mixture,
+      seq_len=seq_len,
+      val_fraction=data_cfg.val_fraction,
+      vocab_size=vocab_size,
+      verify=data_cfg.prepared_verify,
+    )
   kind = source_kind(data_cfg.source)
   return kind.build(
     data_cfg.source, data_cfg, workdir=workdir, vocab_size=vocab_size, seq_len=seq_len
   )
 
 
-def run_tokenizer(source: str, workdir: str):
-  """The tokenizer a finished run of `source` used (evaluation, generation)."""
-  return source_kind(source).run_tokenizer(source, workdir)
+def run_tokenizer(data_cfg, workdir: str):
+  """The tokenizer a finished run of the config's `data` section used (evaluation, generation)."""
+  if data_cfg.mixture.strip():
+    return mixture.run_tokenizer(data_cfg)
+  return source_kind(data_cfg.source).run_tokenizer(data_cfg.source, workdir)
+
+
+def process_rows(batch_sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+  """The rows [r0, r1) of the global batch that this process's devices hold, read from the
+  batch sharding (`addressable_devices_indices_map`), not assumed.
+
+  Raises:
+    errors.ConfigError: the rows are not one contiguous range (a mesh layout that interleaves
+      processes along the batch), which `make_array_from_process_local_data` cannot take.
+  """
+  shape = (global_batch, seq_len)
+  spans = sorted(
+    {
+      idx[0].indices(global_batch)[:2]
+      for idx in batch_sharding.addressable_devices_indices_map(shape).values()
+    }
+  )
+  start, stop = spans[0]
+  for a, b in spans[1:]:
+    if a > stop:
+      raise errors.ConfigError(
+        f"this process's devices hold rows {spans} of the batch, not one contiguous range: use "
+        "a mesh (mesh.dcn) whose batch axes keep each process's devices together"
+      )
+    stop = max(stop, b)
+  return start, stop
 
 
 def encode_documents(source: str, documents: Sequence[str], tokenizer) -> np.ndarray:
@@ -243,31 +298,29 @@ def train_iterator(
   *,
   global_batch: int,
   seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  rows: tuple[int, int] | None = None,
 ) -> grain.DatasetIterator:
-  """An endless iterator of this process's rows of shuffled global training batches.
+  """An endless iterator of rows [r0, r1) of shuffled global training batches.
 
-  Each element is {"inputs": int32[b, L], "targets": int32[b, L]} with b = B / process_count,
-  the rows [process_index * b, (process_index + 1) * b) of global batch B; concatenating the
-  processes' rows in order gives the single-process batch. Each epoch is a new permutation;
-  a batch can straddle two epochs. `get_state()` is a JSON-serialisable dict and
-  `set_state(state)` resumes at the identical next batch.
+  Each element is {"inputs": int32[b, L], "targets": int32[b, L]} with b = r1 - r0 (default:
+  all B rows); concatenating the processes' rows gives the single-process batch, whatever the
+  number of processes. Each epoch is a new permutation; a batch can straddle two epochs.
+  `get_state()` is a JSON-serialisable dict and `set_state(state)` resumes at the identical next
+  batch.
   """
-  local_batch = _local_batch_size(global_batch, process_index, process_count)
+  r0, r1 = mixture.check_rows(rows, global_batch)
   if len(train_blocks) < global_batch:
     logging.warning(
       "Only %d train blocks for a global batch of %d: blocks repeat within a batch.",
       len(train_blocks),
       global_batch,
     )
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
   dataset = (
     grain.MapDataset.source(range(len(train_blocks)))
     .shuffle(seed=seed)
     .repeat(None)
     .batch(global_batch, drop_remainder=True)  # int[B] block indices
-    .map(lambda indices: _inputs_and_targets(train_blocks[indices[rows]]))
+    .map(lambda indices: _inputs_and_targets(train_blocks[indices[r0:r1]]))
   )
   return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
@@ -277,14 +330,13 @@ def eval_batches(
   *,
   global_batch: int,
   num_batches: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  rows: tuple[int, int] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-  """The first min(num_batches, available) full validation batches, this process's rows.
+  """The first min(num_batches, available) full validation batches, rows [r0, r1) of each.
 
-  Deterministic (blocks in order, no shuffling); same row split as `train_iterator`.
+  Deterministic (blocks in order, no shuffling); same rows as `train_iterator`.
   """
-  local_batch = _local_batch_size(global_batch, process_index, process_count)
+  r0, r1 = mixture.check_rows(rows, global_batch)
   available = len(val_blocks) // global_batch
   if available == 0 or num_batches < 1:
     raise errors.DataError(
@@ -292,11 +344,10 @@ def eval_batches(
       f"{global_batch} (num_batches={num_batches}): raise data.val_fraction, lower the "
       "eval batch size or train.seq_len, or use more data."
     )
-  batches = []
-  for i in range(min(num_batches, available)):
-    start = i * global_batch + process_index * local_batch
-    batches.append(_inputs_and_targets(val_blocks[start : start + local_batch]))
-  return batches
+  return [
+    _inputs_and_targets(val_blocks[i * global_batch + r0 : i * global_batch + r1])
+    for i in range(min(num_batches, available))
+  ]
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -314,26 +365,30 @@ def _inputs_and_targets(blocks: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
-def _local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
-  if global_batch < 1 or process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
-      f"bad batch sharding: global_batch={global_batch}, process_index={process_index}, "
-      f"process_count={process_count}; need global_batch >= 1 and 0 <= index < count."
-    )
-  if global_batch % process_count:
-    raise errors.ConfigError(
-      f"global_batch={global_batch} is not divisible by process_count={process_count}: "
-      "set the batch size to a multiple of the number of processes."
-    )
-  return global_batch // process_count
-
-
 def _save_atomically(path: epath.Path, array: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
   np.save(buffer, array)
   paths.write_atomically(path, buffer.getvalue())
 
+
+def _prepared_dataset(source: str, data_cfg, *, workdir: str, vocab_size: int, seq_len: int):
+  del workdir  # the corpus carries its tokenizer
+  return mixture.open_source(
+    source,
+    seq_len=seq_len,
+    val_fraction=data_cfg.val_fraction,
+    vocab_size=vocab_size,
+    verify=data_cfg.prepared_verify,
+  )
+
+
+PREPARED = SourceKind(  # `prepared:DIR`: a directory written by `python -m moejax.data.prepare`
+  build=_prepared_dataset,
+  run_tokenizer=lambda source, workdir: shards.PreparedCorpus(source).tokenizer(),
+  encode_documents=lambda documents, tokenizer: tokenize_documents(documents, tokenizer),
+)
+register_source(shard_format.PREFIX, PREPARED)
 
 TEXT = SourceKind(
   build=_text_dataset,
