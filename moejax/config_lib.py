@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.eval_capacity_factor = 2.0
   moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
   moe.group_layout = "sequence"  # or "position": a group = one position of group_size sequences
+  moe.eval_dispatch = config_dict.placeholder(str)  # dispatch at evaluation; None = moe.dispatch
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
@@ -232,6 +233,12 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   for key, allowed in _ONE_OF:
     if _get(cfg, key) not in allowed:
       raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of: {', '.join(allowed)}")
+  eval_dispatch = cfg.model.moe.eval_dispatch
+  if eval_dispatch is not None and eval_dispatch not in DISPATCHES:
+    raise ConfigError(
+      f"model.moe.eval_dispatch={eval_dispatch!r} is not one of: {', '.join(DISPATCHES)} "
+      "(or None: the training dispatch)"
+    )
   for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
     if _get(cfg, key) <= 0:
       raise ConfigError(f"{key}={_get(cfg, key)}: must be > 0 (Switch uses 1.25, eval 2.0)")

@@ -84,7 +84,7 @@ def forward_with_cache(model, tokens_bl, cache, offset):
     x = x + attn_out
     h = block.ffn_norm(x)
     if isinstance(block.ffn, MoELayer):
-      y, _, _ = block.ffn(h, train=False, rng=None)
+      y, _, _ = block.ffn(h, train=False, rng=None, token_ids_bl=tokens_bl)
     else:
       y = block.ffn(h)
     x = sharding.constrain(x + y, ("batch", "length", "act_embed"), model.rules)

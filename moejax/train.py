@@ -139,6 +139,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
         schedule,
         nonfinite_policy=t.nonfinite_policy,
         poison_step=t.debug_poison_step,
+        consistency=routers.consistency(cfg.model.moe),
       ),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),

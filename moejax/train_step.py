@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from moejax import faults
+from moejax.ops import aux_losses
 
 
 def new_train_state(params, model_state, optimizer: optax.GradientTransformation, seed: int):
@@ -43,6 +44,7 @@ def make_train_step(
   schedule: optax.Schedule,
   nonfinite_policy: str = "halt",
   poison_step: int | None = None,
+  consistency: tuple[int, float] = (1, 0.0),
 ):
   """Returns `step(state, batch) -> (state, metrics)`, a pure function to wrap in jax.jit.
 
@@ -51,13 +53,28 @@ def make_train_step(
   `metrics[faults.NONFINITE_KEY]` counts the non-finite metric entries of the step; under
   `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
   (only `step` advances, so the data order is unchanged). `poison_step` is a test hook that
-  makes the loss of that 1-based step NaN.
+  makes the loss of that 1-based step NaN. `consistency` = (passes, weight): with 2 passes
+  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys,
+  the cross-entropy is the sum of both passes' and `weight` times the symmetric KL of the two
+  passes' output distributions is added (`consistency_loss` in the metrics).
   """
+  passes, consistency_weight = consistency
+  base_weights = dict(aux_loss_weights)
+  if passes not in (1, 2):
+    raise ValueError(f"{passes=}: a train step runs the model once or twice")
 
   def loss_fn(params, model_state, batch, rng, step):
     model = nnx.merge(graphdef, params, model_state)
     logits, aux = model(batch["inputs"], train=True, rng=rng)
     ce = faults.poison(cross_entropy(logits, batch["targets"]), step, poison_step)
+    if passes == 2:
+      second, _ = model(batch["inputs"], train=True, rng=jax.random.fold_in(rng, 1))
+      ce = ce + cross_entropy(second, batch["targets"])
+      consistency_loss = aux_losses.symmetric_kl(logits, second)
+      aux["losses"]["consistency_loss"] = consistency_loss
+      aux_loss_weights = {**base_weights, "consistency_loss": consistency_weight}
+    else:
+      aux_loss_weights = base_weights
     total = ce
     for name, value in aux["losses"].items():
       total = total + aux_loss_weights.get(name, 0.0) * value

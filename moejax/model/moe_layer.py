@@ -60,10 +60,20 @@ class MoELayer(nnx.Module):
     self.shared_experts = shared_experts
     self.rules = rules
 
-  def route(self, x_bld, *, train: bool, rng: jax.Array | None):
-    """(x_gsd [G, S, D] the routing groups, routing) of this layer's input [B, L, D]."""
+  def route(self, x_bld, *, train: bool, rng: jax.Array | None, token_ids_bl=None):
+    """(x_gsd [G, S, D] the routing groups, routing) of this layer's input [B, L, D].
+
+    token_ids_bl: int32 [B, L] the model's input ids, for routers that READS_TOKENS.
+    """
     x_gsd = self.to_groups(x_bld)
     extra = {"experts": self.experts} if self.router.READS_EXPERT_WEIGHTS else {}
+    if self.router.READS_TOKENS:
+      if token_ids_bl is None:
+        raise ValueError(f"router {self.router.NAME!r} reads the token ids: pass token_ids_bl")
+      rows = jnp.arange(x_bld.shape[0], dtype=jnp.int32)[:, None]
+      rows_bl = jnp.broadcast_to(rows, x_bld.shape[:2])
+      extra["token_ids"] = self.to_groups(token_ids_bl.astype(jnp.int32))
+      extra["sequence_ids"] = self.to_groups(rows_bl)
     return x_gsd, self.router(x_gsd, train=train, rng=rng, **extra)
 
   def capacity(self, num_tokens: int, *, train: bool) -> int:
@@ -73,7 +83,7 @@ class MoELayer(nnx.Module):
 
   def kept_pairs(self, routing: base.SparseRouting, *, train: bool) -> jax.Array:
     """bool[G, N]: the pairs of `routing` the dispatch computes (all valid ones if dropless)."""
-    if self.settings.dispatch == "dropless":
+    if self.settings.dispatch_for(train) == "dropless":
       return routing.valid
     compute = functools.partial(
       capacity.compute_slots,
@@ -82,16 +92,21 @@ class MoELayer(nnx.Module):
     )
     return jax.vmap(compute)(routing.expert_index, routing.valid)[1]
 
-  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None):
-    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array})."""
-    x_gsd, routing = self.route(x_bld, train=train, rng=rng)
+  def __call__(self, x_bld, *, train: bool, rng: jax.Array | None, token_ids_bl=None):
+    """Returns (y [batch, length, d_model], aux_losses {name: scalar}, metrics {name: array}).
+
+    token_ids_bl: int32 [B, L] the model's input ids (needed by routers that READS_TOKENS).
+    """
+    x_gsd, routing = self.route(x_bld, train=train, rng=rng, token_ids_bl=token_ids_bl)
     num_experts = self.settings.num_experts
-    if isinstance(routing, base.SoftRouting):
+    if self.router.COMPUTES_OUTPUT:
+      y_gsd, dispatch_metrics = self.router.compute(x_gsd, routing, self.experts, train=train)
+    elif isinstance(routing, base.SoftRouting):
       y_gsd, dispatch_metrics = soft.soft_moe(
         x_gsd, routing, self.experts, num_experts=num_experts, rules=self.rules
       )
     else:
-      y_gsd, dispatch_metrics = DISPATCHES[self.settings.dispatch](
+      y_gsd, dispatch_metrics = DISPATCHES[self.settings.dispatch_for(train)](
         x_gsd,
         routing,
         self.experts,
@@ -105,16 +120,18 @@ class MoELayer(nnx.Module):
     return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}
 
   def to_groups(self, x_bld):
-    """[B, L, D] -> [G, S, D] in the configured group layout."""
-    batch, length, d = x_bld.shape
+    """[B, L, ...] -> [G, S, ...] in the configured group layout."""
+    batch, length = x_bld.shape[:2]
+    rest = x_bld.shape[2:]
     s = self.settings.group_size
     if self.settings.group_layout == "position":
       if batch % s:
         raise ValueError(f"group_layout 'position' needs group_size={s} to divide batch={batch}")
-      x_bld = jnp.swapaxes(x_bld, 0, 1)  # [L, B, D]: a group = one position of S sequences
+      x_bld = jnp.swapaxes(x_bld, 0, 1)  # [L, B, ...]: a group = one position of S sequences
     elif (batch * length) % s:
       raise ValueError(f"group_size={s} must divide batch*length={batch * length}")
-    return sharding.constrain(x_bld.reshape(-1, s, d), ("group", None, "act_embed"), self.rules)
+    names = ("group", None) + (("act_embed",) if rest else ())
+    return sharding.constrain(x_bld.reshape(-1, s, *rest), names[: 2 + len(rest)], self.rules)
 
   def from_groups(self, y_gsd, shape_bld):
     """[G, S, K] -> [B, L, K] (the inverse of `to_groups`)."""

@@ -35,11 +35,11 @@ class Block(nnx.Module):
     self.ffn = ffn
     self.rules = rules
 
-  def __call__(self, x_bld, *, train: bool, rng):
+  def __call__(self, x_bld, *, train: bool, rng, token_ids_bl=None):
     x = x_bld + self.attention(self.attn_norm(x_bld))
     h = self.ffn_norm(x)
     if isinstance(self.ffn, MoELayer):
-      y, aux_losses, metrics = self.ffn(h, train=train, rng=rng)
+      y, aux_losses, metrics = self.ffn(h, train=train, rng=rng, token_ids_bl=token_ids_bl)
     else:
       y, aux_losses, metrics = self.ffn(h), {}, {}
     x = sharding.constrain(x + y, ("batch", "length", "act_embed"), self.rules)
@@ -107,7 +107,7 @@ class Transformer(nnx.Module):
     losses, metrics = {}, {}
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, block_losses, block_metrics = block(x, train=train, rng=layer_rng)
+      x, block_losses, block_metrics = block(x, train=train, rng=layer_rng, token_ids_bl=tokens_bl)
       for name, value in block_losses.items():
         losses[name] = losses.get(name, 0.0) + value
         metrics[f"layer_{i}/{name}"] = value

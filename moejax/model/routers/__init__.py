@@ -15,6 +15,7 @@ from moejax.model.routers import (  # noqa: F401 - imported to register the buil
   top_k,
 )
 from moejax.model.routers.registry import (  # noqa: F401 - the package's public API
+  consistency,
   families,
   family,
   get,

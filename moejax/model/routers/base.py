@@ -12,6 +12,12 @@ needs to know about a family is declared on its class:
 - `causal_in_sequence(options, moe)`: whether a token's output is independent of later tokens of
   its routing group with the 'sequence' layout (validation refuses a non-causal decoder).
 - `READS_EXPERT_WEIGHTS`: the layer passes `experts=` (its ExpertBank) to `__call__`.
+- `READS_TOKENS`: the layer passes `token_ids=` and `sequence_ids=` (int32 [G, S]: each token's
+  input id and its row in the global batch) to `__call__` (hash routing, per-sequence draws).
+- `COMPUTES_OUTPUT`: the family computes the layer's output itself (`compute`: merged experts,
+  product-key experts, low-rank gates) instead of a dispatch.
+- `CONSISTENCY_PASSES`: 2 makes the train step run the model twice (different router draws) and
+  add `consistency_loss_weight` (an option) times the symmetric KL of the two passes' logits.
 - `decode_refusal(options, moe)`: why KV-cache decoding (groups of one new token with the
   'sequence' layout) cannot work for this family, or None.
 - `upcycle_refusal(options, noise)`: why sparse upcycling from exact copies cannot work.
@@ -47,6 +53,10 @@ class MoESettings:
   dispatch: str = "capacity"
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
+  eval_dispatch: str | None = None  # the dispatch at evaluation; None = `dispatch`
+
+  def dispatch_for(self, train: bool) -> str:
+    return self.dispatch if train or self.eval_dispatch is None else self.eval_dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,9 @@ class Router(nnx.Module):
   Options: ClassVar[type] = NoOptions
   AUX_LOSSES: ClassVar[tuple[str, ...]] = ()
   READS_EXPERT_WEIGHTS: ClassVar[bool] = False
+  READS_TOKENS: ClassVar[bool] = False
+  COMPUTES_OUTPUT: ClassVar[bool] = False
+  CONSISTENCY_PASSES: ClassVar[int] = 1
 
   @classmethod
   def check(cls, options, moe: MoESettings) -> None:
@@ -107,6 +120,10 @@ class Router(nnx.Module):
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group for the capacity dispatches."""
     raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
+
+  def compute(self, x_gsd, routing, experts, *, train: bool):
+    """(y [G, S, D], metrics) of a family with COMPUTES_OUTPUT (its own expert computation)."""
+    raise NotImplementedError(f"router {self.NAME!r} leaves the output to a dispatch")
 
 
 class TokenChoiceRouter(Router):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model.routers import base
+from moejax.ops.aux_losses import symmetric_kl  # noqa: F401 - THOR's consistency term
 
 LEVELS = ("token", "sequence", "batch")
 CONSISTENCY_WEIGHT = 1.0  # alpha, the code default
@@ -101,30 +102,3 @@ def route_random(
   return base.rank_major_routing(
     expert_s[:, None], weight_s1, aux_losses={}, metrics={"expert_load": load_e}
   )
-
-
-def symmetric_kl(
-  logits_a: jax.Array, logits_b: jax.Array, mask: jax.Array | None = None
-) -> jax.Array:
-  """THOR's consistency term: mean over positions of (KL(p_a || p_b) + KL(p_b || p_a)) / 2.
-
-  Per position it equals (1/2) sum_v (p_a - p_b)(log p_a - log p_b), computed in float32 with
-  the logs from log_softmax. Gradients flow into both arguments.
-
-  Args:
-    logits_a: float[..., V] output logits of the first pass.
-    logits_b: float[..., V] output logits of the second pass (same shape).
-    mask: bool or 0/1 [...] positions that count (non-pad targets); None counts all.
-
-  Returns:
-    float32 scalar: the masked mean (0 when no position counts).
-  """
-  if logits_a.shape != logits_b.shape:
-    raise ValueError(f"logits shapes differ: {logits_a.shape} vs {logits_b.shape}")
-  log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
-  log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
-  per_position = 0.5 * jnp.sum((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b), axis=-1)
-  if mask is None:
-    return jnp.mean(per_position)
-  weight = jnp.broadcast_to(mask, per_position.shape).astype(jnp.float32)
-  return jnp.sum(per_position * weight) / jnp.maximum(jnp.sum(weight), 1.0)

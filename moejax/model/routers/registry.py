@@ -27,7 +27,10 @@ def register(name: str, *, aliases: tuple[str, ...] = ()):
     if not dataclasses.is_dataclass(cls.Options):
       raise TypeError(f"router {name!r}: Options must be a dataclass")
     fields = {f.name for f in dataclasses.fields(cls.Options)}
-    missing = [f"{loss}_weight" for loss in cls.AUX_LOSSES if f"{loss}_weight" not in fields]
+    weights = [f"{loss}_weight" for loss in cls.AUX_LOSSES]
+    if cls.CONSISTENCY_PASSES > 1:
+      weights.append("consistency_loss_weight")
+    missing = [w for w in weights if w not in fields]
     if missing:
       raise TypeError(f"router {name!r}: Options lacks the loss weights {missing}")
     for n in (name, *aliases):
@@ -78,6 +81,7 @@ def settings(moe_cfg) -> base.MoESettings:
     dispatch=moe_cfg.dispatch,
     capacity_factor=moe_cfg.capacity_factor,
     eval_capacity_factor=moe_cfg.eval_capacity_factor,
+    eval_dispatch=moe_cfg.eval_dispatch,
   )
 
 
@@ -108,3 +112,11 @@ def build(moe_cfg, *, d_model: int, rngs) -> base.Router:
 def loss_weights(moe_cfg) -> dict[str, float]:
   """{aux loss: weight} of the selected family, from its `<loss>_weight` options."""
   return get(moe_cfg.router).loss_weights(options(moe_cfg))
+
+
+def consistency(moe_cfg) -> tuple[int, float]:
+  """(forward passes per training step, weight of their symmetric KL): (1, 0.0) for most."""
+  cls = get(moe_cfg.router)
+  if cls.CONSISTENCY_PASSES == 1:
+    return 1, 0.0
+  return cls.CONSISTENCY_PASSES, float(options(moe_cfg).consistency_loss_weight)
