@@ -22,6 +22,8 @@ from ml_collections import config_dict
 
 from moejax import errors, faults, sharding
 from moejax.model import routers
+from moejax.ops import attention as attention_ops
+from moejax.ops import remat as remat_ops
 
 ConfigError = errors.ConfigError  # the error every check below raises
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -47,10 +49,20 @@ def default_config() -> ml_collections.ConfigDict:
   m.d_ff = 1024
   m.activation = "gelu"
   m.moe_every = 2  # layer i is MoE when (i + 1) % moe_every == 0; 0 = dense model
-  m.dtype = "float32"  # compute dtype; parameters and router math stay float32
+  m.dtype = "float32"  # compute dtype; router math stays float32
+  # Storage dtype of the parameters (the only copy: no separate float32 master weights); router
+  # kernels and the DeepSeek bias stay float32. The optimizer updates in float32 (optim).
+  m.param_dtype = "float32"
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-6
   m.init_std = 0.02
+  m.num_kv_heads = config_dict.placeholder(int)  # grouped-query attention; None = num_heads
+  m.qk_norm = False  # RMSNorm of q and k over head_dim before RoPE (Qwen3)
+  m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
+  # The blocks run under nnx.scan over a repeating unit of moe_every layers (1 if dense): the
+  # compiled program holds one unit whatever num_layers; parameters get a leading layer axis.
+  m.scan_layers = False
+  m.remat = "none"  # per-block activation checkpointing: none, full, minimal, ... (ops/remat)
 
   m.moe = moe = ml_collections.ConfigDict()
   moe.router = "switch"  # a family or alias of moejax/model/routers (its options: moe.<family>)
@@ -93,6 +105,13 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.seed = 0
   t.memory_limit_gib = config_dict.placeholder(float)  # None = the device's memory
+  # The loss takes chunks of this many tokens of the global batch (whole positions of every
+  # sequence), never the full float32 [B, L, V] logits; 0, or a batch of at most this many
+  # tokens, computes the full logits at once.
+  t.loss_chunk = 8192
+  # Gradient accumulation: the step runs the batch as this many microbatches one after another
+  # (activation memory of one microbatch), same result as one batch (moejax/train_step.py).
+  t.microbatches = 1
   t.nonfinite_policy = "halt"  # non-finite loss/grad/aux: "halt" (exit 3) or "skip" the update
   t.debug_poison_step = config_dict.placeholder(int)  # test hook: this 1-based step's loss is NaN
 
@@ -105,6 +124,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
   o.grad_clip = 1.0  # 0 = no clipping
+  o.moment_dtype = "float32"  # storage dtype of AdamW's two moments (computed in float32)
 
   # Sparse upcycling (moejax/upcycle.py): start an MoE run from a dense moejax checkpoint.
   c.init = ini = ml_collections.ConfigDict()
@@ -120,6 +140,7 @@ def default_config() -> ml_collections.ConfigDict:
   ms.rules = ml_collections.ConfigDict(
     {name: ",".join(axes) for name, axes in sharding.DEFAULT_RULES.items()}
   )
+  ms.rules.layers = ""  # the stacked layer axis of scanned models (model/blocks.py): replicated
   # How many hosts (TPU slices, else processes) each axis spans; the rest of the axis stays inside
   # a host. -1 = the remaining hosts: by default data parallelism crosses hosts. See moejax/mesh.py.
   ms.dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
@@ -189,6 +210,8 @@ _POSITIVE = (
   "model.moe.top_k",
   "model.moe.group_size",
   "model.moe.d_expert",
+  "model.num_kv_heads",
+  "train.microbatches",
   "train.steps",
   "train.batch_size",
   "train.seq_len",
@@ -205,10 +228,15 @@ _NON_NEGATIVE = (
   "optim.warmup_steps",
   "optim.grad_clip",
   "init.from_dense_noise",
+  "train.loss_chunk",
 )
 _ONE_OF = (
   ("model.activation", ACTIVATIONS),
   ("model.dtype", DTYPES),
+  ("model.param_dtype", DTYPES),
+  ("optim.moment_dtype", DTYPES),
+  ("model.remat", tuple(remat_ops.POLICIES)),
+  ("model.attention_impl", attention_ops.IMPLS),
   ("model.moe.dispatch", DISPATCHES),
   ("model.moe.group_layout", GROUP_LAYOUTS),
   ("train.nonfinite_policy", faults.POLICIES),
@@ -252,9 +280,36 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
       "change one or set model.head_dim"
     )
+  _validate_large_model(cfg)
   if m.moe_every:
     _validate_moe(cfg)
   return _validate_mesh(cfg, num_devices)
+
+
+def _validate_large_model(cfg) -> None:
+  """Grouped-query heads, scanned layers, microbatches."""
+  m, t = cfg.model, cfg.train
+  if m.num_kv_heads is not None and m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+      f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} "
+      "(each key/value head serves num_heads / num_kv_heads query heads)"
+    )
+  if (m.head_dim or m.d_model // m.num_heads) % 2:
+    raise ConfigError(
+      f"head dimension {m.head_dim or m.d_model // m.num_heads} must be even for rotary "
+      "embeddings; change model.head_dim (or d_model / num_heads)"
+    )
+  unit = m.moe_every if m.moe_every else 1
+  if m.scan_layers and m.num_layers % unit:
+    raise ConfigError(
+      f"model.scan_layers=True scans units of model.moe_every={m.moe_every} layers, but "
+      f"model.num_layers={m.num_layers} is not a multiple of {unit}; change num_layers or "
+      "set model.scan_layers=False"
+    )
+  if t.batch_size % t.microbatches:
+    raise ConfigError(
+      f"train.microbatches={t.microbatches} must divide train.batch_size={t.batch_size}"
+    )
 
 
 def _validate_moe(cfg) -> None:
@@ -280,15 +335,17 @@ def _validate_moe(cfg) -> None:
       "loss is optimistic and generation will differ from training",
       moe.router,
     )
-  tokens = t.batch_size * t.seq_len
-  if moe.group_layout == "position" and t.batch_size % moe.group_size:
+  rows = t.batch_size // t.microbatches  # the rows one forward pass sees
+  what = "train.batch_size" if t.microbatches == 1 else "train.batch_size / train.microbatches"
+  tokens = rows * t.seq_len
+  if moe.group_layout == "position" and rows % moe.group_size:
     raise ConfigError(
-      f"model.moe.group_size={moe.group_size} must divide train.batch_size={t.batch_size} "
+      f"model.moe.group_size={moe.group_size} must divide {what}={rows} "
       "with model.moe.group_layout='position' (a group = one position of group_size sequences)"
     )
   if tokens % moe.group_size:
     raise ConfigError(
-      f"model.moe.group_size={moe.group_size} does not divide train.batch_size * train.seq_len"
+      f"model.moe.group_size={moe.group_size} does not divide {what} * train.seq_len"
       f" = {tokens}; use a divisor such as {math.gcd(tokens, moe.group_size)} or {t.seq_len}"
     )
 
@@ -311,7 +368,7 @@ def _validate_mesh(cfg, num_devices: int) -> dict[str, int]:
     )
   batch_shards = math.prod(shape[a] for a in rules["batch"])
   experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
-  groups = t.batch_size * t.seq_len // moe.group_size
+  groups = t.batch_size // t.microbatches * t.seq_len // moe.group_size
   if moe.dispatch == "all_to_all" and experts_split and groups % batch_shards:
     raise ConfigError(
       f"model.moe.dispatch='all_to_all' needs the {groups} routing groups per batch to split "
@@ -322,6 +379,19 @@ def _validate_mesh(cfg, num_devices: int) -> dict[str, int]:
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the {batch_shards} devices the batch"
       f" is split over (mesh axes {rules['batch']} of {shape}); use a multiple of {batch_shards}"
+    )
+  if (t.batch_size // batch_shards) % t.microbatches:
+    raise ConfigError(
+      f"train.microbatches={t.microbatches} must divide the {t.batch_size // batch_shards} rows "
+      f"each of the {batch_shards} batch devices holds (every microbatch spans every device); "
+      "use a bigger train.batch_size or fewer microbatches"
+    )
+  heads = math.prod(shape[a] for a in rules["heads"])
+  kv_heads = cfg.model.num_kv_heads or cfg.model.num_heads
+  if kv_heads % heads:
+    raise ConfigError(
+      f"model.num_kv_heads={kv_heads} is not divisible by the {heads} devices the heads are split"
+      f" over (mesh axes {rules['heads']} of {shape}); use fewer devices on them"
     )
   return shape
 

@@ -29,6 +29,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from moejax import sharding
 from moejax.model.moe_layer import MoELayer
@@ -37,12 +38,17 @@ _CACHE_AXES = ("batch", "length", "act_heads", None)
 
 
 def init_cache(model, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
-  """Zero caches, one {"k", "v": [B, max_len, H, K]} per layer, in the model's compute dtype."""
+  """Zero caches in the model's compute dtype, one {"k", "v"} per Block module.
+
+  Per layer [B, max_len, G, K] (G key/value heads); for a scanned model one cache per unit
+  position, stacked like its parameters: [num_layers / unit, B, max_len, G, K].
+  """
   caches = []
-  for block in model.blocks:
-    _, heads, head_dim = block.attention.wk.shape
-    zeros = jnp.zeros((batch, max_len, heads, head_dim), model.dtype)
-    zeros = sharding.constrain(zeros, _CACHE_AXES, model.rules)
+  for block in model.block_modules():
+    *stacked, _, kv_heads, head_dim = block.attention.wk.shape
+    shape = (*stacked, batch, max_len, kv_heads, head_dim)
+    axes = (None,) * len(stacked) + _CACHE_AXES
+    zeros = sharding.constrain(jnp.zeros(shape, model.dtype), axes, model.rules)
     caches.append({"k": zeros, "v": zeros})
   return caches
 
@@ -53,7 +59,7 @@ def prepare_for_decoding(model) -> None:
   Call once on a freshly merged model before `forward_with_cache`. Raises ValueError for a
   router that cannot route groups of one token.
   """
-  for block in model.blocks:
+  for block in model.block_modules():
     if isinstance(block.ffn, MoELayer) and block.ffn.settings.group_layout == "sequence":
       router = block.ffn.router
       refusal = router.decode_refusal(router.options, block.ffn.settings)
@@ -61,6 +67,17 @@ def prepare_for_decoding(model) -> None:
         raise ValueError(refusal)
       # One new token is one routing group.
       block.ffn.settings = dataclasses.replace(block.ffn.settings, group_size=1)
+
+
+def _decode_block(block, x, layer_cache, offset, tokens_bl, rules):
+  attn_out, layer_cache = block.attention.decode(block.attn_norm(x), layer_cache, offset)
+  x = x + attn_out
+  h = block.ffn_norm(x)
+  if isinstance(block.ffn, MoELayer):
+    y, _, _ = block.ffn(h, train=False, rng=None, token_ids_bl=tokens_bl)
+  else:
+    y = block.ffn(h)
+  return sharding.constrain(x + y, ("batch", "length", "act_embed"), rules), layer_cache
 
 
 def forward_with_cache(model, tokens_bl, cache, offset):
@@ -77,19 +94,23 @@ def forward_with_cache(model, tokens_bl, cache, offset):
   """
   x = jnp.take(model.embed[...], tokens_bl, axis=0).astype(model.dtype)
   x = sharding.constrain(x, ("batch", "length", "act_embed"), model.rules)
-  new_cache = []
-  for block, layer_cache in zip(model.blocks, cache, strict=True):
-    attn_out, layer_cache = block.attention.decode(block.attn_norm(x), layer_cache, offset)
-    new_cache.append(layer_cache)
-    x = x + attn_out
-    h = block.ffn_norm(x)
-    if isinstance(block.ffn, MoELayer):
-      y, _, _ = block.ffn(h, train=False, rng=None, token_ids_bl=tokens_bl)
-    else:
-      y = block.ffn(h)
-    x = sharding.constrain(x + y, ("batch", "length", "act_embed"), model.rules)
-  x = model.final_norm(x)
-  logits = jnp.einsum(
-    "bld,dv->blv", x, model.unembed[...].astype(x.dtype), preferred_element_type=jnp.float32
-  )
-  return sharding.constrain(logits, ("batch", "length", "act_vocab"), model.rules), new_cache
+  if model.scanned:
+    # A plain lax.scan over the split stack: the sampler merges the model once outside its
+    # decoding loop, and decoding updates no module state.
+    graphdef, stack_state = nnx.split(model.stack)
+
+    def body(x, xs):
+      unit_state, unit_cache = xs
+      new_cache = []
+      for block, layer_cache in zip(nnx.merge(graphdef, unit_state), unit_cache, strict=True):
+        x, layer_cache = _decode_block(block, x, layer_cache, offset, tokens_bl, model.rules)
+        new_cache.append(layer_cache)
+      return x, new_cache
+
+    x, new_cache = jax.lax.scan(body, x, (stack_state, list(cache)))
+  else:
+    new_cache = []
+    for block, layer_cache in zip(model.blocks, cache, strict=True):
+      x, layer_cache = _decode_block(block, x, layer_cache, offset, tokens_bl, model.rules)
+      new_cache.append(layer_cache)
+  return model.logits(model.final_norm(x)), new_cache

@@ -7,6 +7,8 @@ Shared by `evaluate`, `generate` and `upcycle`. Design choices:
   restore), never the optimizer moments: inference needs a third of a training state's memory.
 - The arrays are restored straight onto the target mesh's shardings (from the logical-axis rules),
   so a checkpoint written on one mesh is used on any other, e.g. 8 devices -> 1.
+- A checkpoint of a scanned model restores into a per-layer one and vice versa: the arrays are
+  read in the layout they were saved in and restacked on the device (moejax/model/layout.py).
 - User errors (no checkpoint, unknown step, a mesh that does not fit) raise
   `errors.ConfigError` with one line; `moejax.cli.run` turns them into "moejax: error: ..."
   exit 2.
@@ -14,6 +16,7 @@ Shared by `evaluate`, `generate` and `upcycle`. Design choices:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -28,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import config_lib, errors, paths, sharding
 from moejax import mesh as mesh_lib
+from moejax.model import layout
+from moejax.model.blocks import unit_size
 from moejax.model.transformer import Transformer
 
 RUN_CONFIG = "config.json"  # written by moejax.train (checkpoint.write_config)
@@ -123,6 +128,19 @@ def flatten(tree, prefix: str = "") -> dict:
   return out
 
 
+def with_layout(model_cfg, params_layout: str):
+  """A copy of the `model` config whose parameters are in `params_layout` (layout.STACKED or
+  layout.PER_LAYER)."""
+  out = copy.deepcopy(model_cfg)
+  out.scan_layers = params_layout == layout.STACKED
+  return out
+
+
+def params_layout(model_cfg) -> str:
+  """The parameter layout of models built from this `model` config."""
+  return layout.STACKED if model_cfg.scan_layers else layout.PER_LAYER
+
+
 def abstract_model(model_cfg, seed: int = 0, rules: sharding.Rules | None = None):
   """(graphdef, params, rest) of the model, abstract (`nnx.eval_shape`)."""
   model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed), rules=rules))
@@ -188,6 +206,10 @@ def restore_model(path: str, cfg, mesh, rules, step: int | None = None) -> Resto
   manager = open_checkpoints(directory)
   step = pick_step(manager, step if step is not None else loc_step, directory)
   graphdef, abs_params, abs_rest = abstract_model(cfg.model, cfg.train.seed, rules)
+  wanted = params_layout(cfg.model)
+  saved = layout.layout_of(manager.item_metadata(step)["state"].tree["params"]) or wanted
+  if saved != wanted:  # read the arrays as saved, restack below
+    _, abs_params, abs_rest = abstract_model(with_layout(cfg.model, saved), cfg.train.seed, rules)
   to_target = lambda state: jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     nnx.to_pure_dict(state),
@@ -208,10 +230,19 @@ def restore_model(path: str, cfg, mesh, rules, step: int | None = None) -> Resto
     ),
   )["state"]
   manager.close()
+  params, model_state = out["params"], out.get("model_state", rest)
+  if saved != wanted:
+    _, want_params, want_rest = abstract_model(cfg.model, cfg.train.seed, rules)
+    shardings = tuple(
+      nnx.to_pure_dict(sharding.state_shardings(s, mesh, rules)) for s in (want_params, want_rest)
+    )
+    convert = lambda tree: layout.to_layout(tree, wanted, unit_size(cfg.model.moe_every))
+    with jax.set_mesh(mesh):
+      params, model_state = jax.jit(convert, out_shardings=shardings)((params, model_state))
   return RestoredModel(
     graphdef=graphdef,
-    params=out["params"],
-    model_state=out.get("model_state", rest),
+    params=params,
+    model_state=model_state,
     step=int(out["step"]),
     cfg=cfg,
     mesh=mesh,

@@ -1,7 +1,9 @@
-r"""Train an MoE language model.
+r"""Train an MoE language model, or compile its train step for a simulated pod (--dry_run).
 
   python -m moejax.train --config configs/switch_base.py:tiny --workdir /tmp/run \
       [--config.model.moe.router=top_k --config.train.steps=500 ...]
+  python -m moejax.train --config configs/switch_base.py --dry_run --devices 64 \
+      --device tpu-v5e [--dry_run_json report.json] [--config.mesh.expert=64 ...]
 
 Reads top to bottom in the order data flows: Config, Mesh, Model + optimizer (abstract),
 Memory pre-flight, Data, Init, Step, Restore, Loop. A rerun with the same workdir resumes from
@@ -19,8 +21,6 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from moejax import (
@@ -28,20 +28,17 @@ from moejax import (
   cli,
   config_lib,
   distributed,
+  dry_run,
   errors,
   faults,
   memory,
-  optim,
   paths,
-  sharding,
-  train_step,
+  training,
 )
 from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax import upcycle as upcycle_lib
 from moejax.data import pipeline
-from moejax.model import routers
-from moejax.model.transformer import Transformer
 
 
 def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int | None = None):
@@ -71,27 +68,12 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
   # ---------------------------------------------------------------- Model + optimizer (abstract)
-  make_model = lambda: Transformer(cfg.model, rngs=nnx.Rngs(t.seed), rules=rules)
-  abstract_model = nnx.eval_shape(make_model)
-  graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
-  param_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_params, mesh, rules))
-  rest_shardings = nnx.to_pure_dict(sharding.state_shardings(abs_rest, mesh, rules))
-  optimizer = optim.make_optimizer(cfg.optim, t.steps)
-  schedule = optim.learning_rate_schedule(cfg.optim, t.steps)
-
-  def init_state():
-    _, params, rest = nnx.split(make_model(), nnx.Param, ...)
-    return train_step.new_train_state(
-      nnx.to_pure_dict(params), nnx.to_pure_dict(rest), optimizer, t.seed
-    )
-
-  abs_state = jax.eval_shape(init_state)
-  state_shardings = _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh)
-  abs_state = checkpoint.abstract_like(abs_state, state_shardings)
-  num_params = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
+  program = training.build(cfg, mesh, mesh_shape, rules)
+  abs_state, state_shardings = program.abs_state, program.state_shardings
+  num_params = program.num_params
 
   # ---------------------------------------------------------------- Memory pre-flight
-  estimate = memory.estimate_memory_bytes(abs_state["params"], cfg, mesh_shape, rules)
+  estimate = memory.estimate_memory_bytes(abs_state, cfg, mesh_shape, rules)
   if t.memory_limit_gib is not None:
     limit, source = t.memory_limit_gib * 2**30, "train.memory_limit_gib"
   else:
@@ -105,10 +87,18 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
 
   upcycling = None  # sparse upcycling: checked before any data is loaded or step compiled
   if cfg.init.from_dense:
-    upcycling = upcycle_lib.prepare(cfg, workdir, nnx.to_pure_dict(abs_params), param_shardings)
-  # A checkpoint of another model is a user error, found before data or compilation.
+    upcycling = upcycle_lib.prepare(
+      cfg, workdir, nnx.to_pure_dict(program.abs_params), program.param_shardings
+    )
+  # A checkpoint of another model is a user error, found before data or compilation. One of the
+  # other parameter layout (scan_layers changed) is read as saved and converted.
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
-  ckpt.check_compatible(abs_state, checkpoint.read_config(workdir), cfg.to_dict())
+  saved_layout = training.saved_layout(ckpt)
+  abs_saved = training.state_as_saved(cfg, mesh, mesh_shape, rules, program, saved_layout)
+  saved_cfg = checkpoint.read_config(workdir)
+  if saved_cfg and abs_saved is not abs_state:  # the layout is not a difference of the arrays
+    saved_cfg["model"]["scan_layers"] = cfg.model.scan_layers
+  ckpt.check_compatible(abs_saved, saved_cfg, cfg.to_dict())
   # After the check (it compares with the previous run's file); evaluate / generate read it too.
   checkpoint.write_config(workdir, cfg.to_dict())
 
@@ -117,7 +107,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     cfg.data, workdir=str(workdir), vocab_size=cfg.model.vocab_size, seq_len=t.seq_len
   )
   data = distributed.writer_first("data", build)  # process 0 writes tokenizer + token cache first
-  batch_sharding = NamedSharding(mesh, rules.spec(("batch", "length")))
+  batch_sharding = program.batch_sharding
   # This process's rows of every global batch, from the batch sharding (not assumed).
   rows = pipeline.process_rows(batch_sharding, t.batch_size, t.seq_len)
   train_iter = data.train_iterator(t.batch_size, t.seed, rows)
@@ -131,28 +121,10 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
 
   with jax.set_mesh(mesh):
     # -------------------------------------------------------------- Step
-    step_fn = jax.jit(
-      train_step.make_train_step(
-        graphdef,
-        optimizer,
-        routers.loss_weights(cfg.model.moe),
-        schedule,
-        nonfinite_policy=t.nonfinite_policy,
-        poison_step=t.debug_poison_step,
-        consistency=routers.consistency(cfg.model.moe),
-      ),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None),
-      donate_argnums=0,
-    )
-    eval_step = train_step.make_eval_step(graphdef)
-    eval_fn = jax.jit(
-      lambda state, batch: eval_step(state["params"], state["model_state"], batch)[:2],
-      in_shardings=(state_shardings, batch_sharding),
-    )
+    step_fn, eval_fn, init_state = program.step_fn, program.eval_fn, program.init_state
 
     # -------------------------------------------------------------- Init or restore
-    restored = ckpt.restore_latest(abs_state, say=lambda m: say(m, flush=True))
+    restored = ckpt.restore_latest(abs_saved, say=lambda m: say(m, flush=True))
     if restored is None and upcycling is not None:
       state = upcycle_lib.init_state(upcycling, init_state, state_shardings)
       say(f"moejax: upcycled from the dense checkpoint {upcycling.directory} step {upcycling.step}")
@@ -160,6 +132,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
       state = jax.jit(init_state, out_shardings=state_shardings)()
     else:
       latest, state, data_state = restored
+      state = training.to_program_layout(cfg, program, state)
       train_iter.set_state(data_state)
       say(f"moejax: resumed from step {latest} ({ckpt.directory})", flush=True)
     start = int(jax.device_get(state["step"]))
@@ -227,27 +200,6 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   }
 
 
-def _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh):
-  """Shardings of the whole train state: optimizer moments follow their parameters."""
-  import optax
-
-  replicated = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(
-    optimizer,
-    lambda _, s: s,
-    abs_state["opt_state"],
-    param_shardings,
-    transform_non_params=lambda _: replicated,
-  )
-  return {
-    "step": replicated,
-    "params": param_shardings,
-    "model_state": rest_shardings,
-    "opt_state": opt,
-    "rng": replicated,
-  }
-
-
 def _evaluate(eval_fn, state, batches) -> dict:
   nll, count = 0.0, 0.0
   for batch in batches:
@@ -270,15 +222,44 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, optionally with a preset: configs/switch_base.py:tiny."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: logs, tokenizer, checkpoints.")
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Compile the train step for --devices simulated CPU devices and report "
+  "XLA's memory per device beside the pre-flight estimate; nothing is allocated or trained.",
+)
+_DEVICES = flags.DEFINE_integer("devices", 8, "Dry run: number of simulated devices.")
+_DEVICE = flags.DEFINE_string(
+  "device",
+  None,
+  f"Dry run: compare with this device's memory ({', '.join(dry_run.DEVICE_MEMORY_GIB)}).",
+)
+_DEVICE_MEMORY_GIB = flags.DEFINE_float(
+  "device_memory_gib", None, "Dry run: compare with this much memory per device (GiB)."
+)
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", None, "Dry run: also write the report here.")
+
+
+def main_dry_run(cfg) -> None:
+  """`--dry_run`: compile for simulated devices, print the memory table (and write the JSON)."""
+  device_bytes, device_name = dry_run.device_memory(_DEVICE.value, _DEVICE_MEMORY_GIB.value)
+  dry_run.use_simulated_devices(_DEVICES.value)
+  report = dry_run.dry_run(cfg, jax.devices("cpu"), device_bytes, device_name)
+  print(dry_run.format_report(report, config_flags.get_config_filename(flags.FLAGS["config"])))
+  if _DRY_RUN_JSON.value:
+    dry_run.write_json(report, _DRY_RUN_JSON.value)
 
 
 def main(argv):
   del argv
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("both --config and --workdir are required; see --help")
   cfg = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
+  if cfg is not None and _DRY_RUN.value:
+    main_dry_run(cfg)
+    return
+  if cfg is None or _WORKDIR.value is None:
+    raise app.UsageError("both --config and --workdir are required; see --help")
   distributed.initialize(cfg.distributed)  # before anything touches the devices
   summary = run(cfg, _WORKDIR.value)
   if summary["stopped_by"]:

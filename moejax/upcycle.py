@@ -20,6 +20,9 @@ Design choices:
 - Arrays are restored straight onto the MoE run's mesh: a copied parameter with its MoE sharding,
   a dense MLP with the sharding of its expert copies minus the expert axis.
 - A workdir that already holds a checkpoint resumes from it; `from_dense` is then ignored.
+- Either model may be scanned (`model.scan_layers`): the plan is made on per-layer names
+  (`blocks.{i}...`), the dense arrays are read in their saved layout and the MoE parameters are
+  restacked at the end (moejax/model/layout.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moejax import errors, paths, restore
-from moejax.model import routers
+from moejax.model import layout, routers
+from moejax.model.blocks import unit_size
 
 _EXPERT = re.compile(r"^(blocks\.\d+\.ffn)\.experts\.(w_in|w_gate|w_out)$")
 _FRESH = re.compile(r"^blocks\.\d+\.ffn\.(router|shared_experts)\.")
@@ -114,6 +118,7 @@ class Upcycling:
   dense_target: dict  # nested like the checkpoint's params, ShapeDtypeStruct leaves
   noise: float
   seed: int
+  unit: int  # layers per scan unit of the MoE model (to restack scanned parameters)
 
 
 def prepare(cfg, workdir, abs_params: dict, param_shardings: dict) -> Upcycling | None:
@@ -147,9 +152,16 @@ def prepare(cfg, workdir, abs_params: dict, param_shardings: dict) -> Upcycling 
   step = restore.pick_step(manager, step, directory)
   meta = manager.item_metadata(step)["state"].tree["params"]
   manager.close()
-  dense_shapes = {n: tuple(x.shape) for n, x in restore.flatten(meta).items()}
-  moe = {dotted(p): x for p, x in jax.tree_util.tree_flatten_with_path(abs_params)[0]}
-  shard = {dotted(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  meta = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), meta)
+  dense_layout = layout.layout_of(meta)
+  dense_shapes = {
+    n: tuple(x.shape) for n, x in restore.flatten(layout.to_layout(meta, layout.PER_LAYER)).items()
+  }
+  per_layer = lambda tree: layout.to_layout(tree, layout.PER_LAYER)
+  moe = {dotted(p): x for p, x in jax.tree_util.tree_flatten_with_path(per_layer(abs_params))[0]}
+  shard = {
+    dotted(p): s for p, s in jax.tree_util.tree_flatten_with_path(per_layer(param_shardings))[0]
+  }
   plan = plan_upcycling({n: x.shape for n, x in moe.items()}, dense_shapes)
 
   # Each dense array lands on the sharding of what it becomes.
@@ -164,9 +176,21 @@ def prepare(cfg, workdir, abs_params: dict, param_shardings: dict) -> Upcycling 
     name = dotted(path)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target_sharding[name])
 
-  dense_target = jax.tree_util.tree_map_with_path(to_target, meta)
+  dense_target = jax.tree_util.tree_map_with_path(
+    to_target, layout.to_layout(meta, layout.PER_LAYER)
+  )
+  if dense_layout == layout.STACKED:  # read as saved: a dense model's unit is one layer
+    dense_target = layout.to_layout(dense_target, layout.STACKED, unit=1)
   _copy_tokenizer(directory.parent, paths.resolve(workdir))
-  return Upcycling(directory, step, plan, dense_target, cfg.init.from_dense_noise, cfg.train.seed)
+  return Upcycling(
+    directory,
+    step,
+    plan,
+    dense_target,
+    cfg.init.from_dense_noise,
+    cfg.train.seed,
+    unit_size(cfg.model.moe_every),
+  )
 
 
 def _copy_tokenizer(dense_workdir, workdir) -> None:
@@ -235,10 +259,16 @@ def init_state(up: Upcycling, init_fn, state_shardings):
   )["state"]["params"]
   manager.close()
 
-  def build(dense_flat):
+  def build(dense):
+    dense_flat = restore.flatten(layout.to_layout(dense, layout.PER_LAYER))
     state = init_fn()
     key = jax.random.key(up.seed + 1)
-    params = upcycle_params(state["params"], dense_flat, up.plan, noise=up.noise, key=key)
+    fresh = state["params"]
+    params = upcycle_params(
+      layout.to_layout(fresh, layout.PER_LAYER), dense_flat, up.plan, noise=up.noise, key=key
+    )
+    if layout.layout_of(fresh) == layout.STACKED:
+      params = layout.to_layout(params, layout.STACKED, up.unit)
     return {**state, "params": params}
 
-  return jax.jit(build, out_shardings=state_shardings)(restore.flatten(dense))
+  return jax.jit(build, out_shardings=state_shardings)(dense)

@@ -37,3 +37,46 @@ def tiny_config(source: str, **mesh):
   for axis, size in {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1, **mesh}.items():
     c.mesh[axis] = size
   return c
+
+
+def step_losses(cfg, steps: int, *, seed: int = 0, batches=None) -> list[float]:
+  """Per-step losses of `steps` train steps of `cfg` on one device (train_step, no data files).
+
+  Batches (unless given as a list of {"inputs", "targets"}) are learnable: each row counts up
+  by 3 (mod vocab) from a start drawn from `seed`, so the loss falls within a few steps.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from moejax import optim, train_step
+  from moejax.model import routers
+  from moejax.model.transformer import Transformer
+
+  t = cfg.train
+  graphdef, params, rest = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(t.seed)), nnx.Param, ...)
+  opt = optim.make_optimizer(cfg.optim, t.steps)
+  state = train_step.new_train_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), opt, t.seed)
+  step = jax.jit(
+    train_step.make_train_step(
+      graphdef,
+      opt,
+      routers.loss_weights(cfg.model.moe),
+      optim.learning_rate_schedule(cfg.optim, t.steps),
+      loss_chunk=t.loss_chunk,
+      microbatches=t.microbatches,
+    )
+  )
+  rng = np.random.default_rng(seed)
+  losses = []
+  for i in range(steps):
+    if batches is None:
+      start = rng.integers(0, cfg.model.vocab_size, (t.batch_size, 1))
+      tokens = (start + 3 * np.arange(t.seq_len + 1)) % cfg.model.vocab_size
+      batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    else:
+      batch = batches[i]
+    state, metrics = step(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch))
+    losses.append(float(metrics["loss"]))
+  return losses

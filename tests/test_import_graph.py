@@ -6,7 +6,7 @@ Layers (docs/ARCHITECTURE.md), lowest first; a module may import its own layer o
   1 building blocks: model/, data/ (never model/ or ops/), mesh, memory, distributed,
     checkpoint, metrics, optim, faults
   2 config_lib, train_step, decode, cli
-  3 restore, recipes, upcycle
+  3 restore, recipes, upcycle, training, dry_run
   4 commands: train, evaluate, generate, plot (nothing imports them)
   5 proj/ (research projects: the core never imports them)
 """
@@ -39,6 +39,8 @@ LAYERS = [
   ("moejax.restore", 3),
   ("moejax.recipes", 3),
   ("moejax.upcycle", 3),
+  ("moejax.training", 3),
+  ("moejax.dry_run", 3),
   ("moejax.train", 4),
   ("moejax.evaluate", 4),
   ("moejax.generate", 4),

@@ -1,7 +1,14 @@
-"""Causal multi-head self-attention with rotary position embeddings.
+"""Causal self-attention with rotary position embeddings, grouped-query heads and optional QK-norm.
 
-Einsum letters: b batch, l query position, m key position, d d_model, h heads, k head dim.
-Scores and softmax run in float32 whatever the compute dtype.
+Queries have H heads, keys and values G heads (G divides H; query head h reads key/value head
+h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` (Qwen3)
+q and k are RMS-normalised over the head dimension before RoPE. The kernel is
+`moejax.ops.attention.attention` (`impl`: "auto" picks by platform: splash on TPU, cuDNN / XLA on
+GPU, blockwise online softmax on CPU for long sequences, the plain reference otherwise); every
+kernel computes the same function, scores in float32.
+
+Einsum letters: b batch, l query position, m key position, d d_model, h query heads, g key/value
+heads, k head dim.
 """
 
 from __future__ import annotations
@@ -9,9 +16,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
-from moejax.model.layers import apply_rope, param
+from moejax.model.layers import RMSNorm, apply_rope, param
+from moejax.ops import attention as attention_ops
+from moejax.ops import remat
+
+_HEADS = ("batch", "length", "act_heads", None)
 
 
 class Attention(nnx.Module):
@@ -26,28 +38,43 @@ class Attention(nnx.Module):
     out_std: float,
     rngs: nnx.Rngs,
     rules: sharding.Rules | None = None,
+    num_kv_heads: int | None = None,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
+    impl: str = "auto",
+    param_dtype=jnp.float32,
   ):
+    num_kv_heads = num_kv_heads or num_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"{num_kv_heads=} must divide {num_heads=}")
     self.rules = rules
-    shape, axes = (d_model, num_heads, head_dim), ("embed", "heads", "kv")
-    self.wq = param(rngs, shape, axes, init_std)
-    self.wk = param(rngs, shape, axes, init_std)
-    self.wv = param(rngs, shape, axes, init_std)
-    self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "kv", "embed"), out_std)
+    self.impl = impl
+    make = lambda shape, axes, std: param(rngs, shape, axes, std, param_dtype)
+    self.wq = make((d_model, num_heads, head_dim), ("embed", "heads", "kv"), init_std)
+    self.wk = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
+    self.wv = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
+    self.wo = make((num_heads, head_dim, d_model), ("heads", "kv", "embed"), out_std)
+    norm = lambda: RMSNorm(head_dim, eps=norm_eps, axes=("kv",), dtype=param_dtype)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
     self.rope_theta = rope_theta
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.wk.shape[1]
 
   def __call__(self, x_bld):
     """[batch, length, d_model] -> [batch, length, d_model], causal."""
     q, k, v = self._qkv(x_bld, offset=0)
-    length = x_bld.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return self._attend(q, k, v, causal)
+    return self._attend(q, k, v, offset=0)
 
   def decode(self, x_bld, cache: dict, offset):
     """Attention of L new tokens at positions offset..offset+L-1 over a key/value cache.
 
     Args:
       x_bld: [batch, L, d_model] the new tokens.
-      cache: {"k", "v": [batch, M, heads, head_dim]}, positions < offset filled (M >= offset+L).
+      cache: {"k", "v": [batch, M, G, head_dim]} (G key/value heads), positions < offset filled
+        (M >= offset + L).
       offset: int32 scalar (may be traced), the number of positions already cached.
 
     Returns:
@@ -57,27 +84,30 @@ class Attention(nnx.Module):
     start = (0, offset, 0, 0)
     k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
     v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-    length, max_len = x_bld.shape[1], k.shape[1]
-    # Query offset + l sees keys <= offset + l; unwritten cache slots get probability exactly 0.
-    visible = jnp.arange(max_len)[None, :] <= offset + jnp.arange(length)[:, None]
-    return self._attend(q, k, v, visible), {"k": k, "v": v}
+    # Query offset + l sees keys <= offset + l: unwritten cache slots get probability exactly 0.
+    return self._attend(q, k, v, offset=offset), {"k": k, "v": v}
 
   def _qkv(self, x_bld, offset):
+    """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, RoPE applied to q and k."""
     dtype = x_bld.dtype
-    proj = lambda w: sharding.constrain(
-      jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype)),
-      ("batch", "length", "act_heads", None),
-      self.rules,
+    proj = lambda w, name: checkpoint_name(
+      sharding.constrain(
+        jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype)), _HEADS, self.rules
+      ),
+      name,
     )
-    q = apply_rope(proj(self.wq), self.rope_theta, offset)
-    k = apply_rope(proj(self.wk), self.rope_theta, offset)
-    return q, k, proj(self.wv)
+    q, k = proj(self.wq, remat.QUERY_PROJ), proj(self.wk, remat.KEY_PROJ)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, self.rope_theta, offset)
+    k = apply_rope(k, self.rope_theta, offset)
+    return q, k, proj(self.wv, remat.VALUE_PROJ)
 
-  def _attend(self, q_blhk, k_bmhk, v_bmhk, visible_lm):
+  def _attend(self, q_blhk, k_bmgk, v_bmgk, *, offset):
     dtype = q_blhk.dtype
-    scale = q_blhk.shape[-1] ** -0.5
-    scores = jnp.einsum("blhk,bmhk->bhlm", q_blhk, k_bmhk, preferred_element_type=jnp.float32)
-    scores = jnp.where(visible_lm[None, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bhlm,bmhk->blhk", probs, v_bmhk.astype(dtype))
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    out = attention_ops.attention(
+      q_blhk, k_bmgk, v_bmgk.astype(dtype), impl=self.impl, q_offset=offset, causal=True
+    )
+    out = checkpoint_name(sharding.constrain(out, _HEADS, self.rules), remat.CONTEXT)
+    out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    return checkpoint_name(out, remat.OUT_PROJ)

@@ -30,17 +30,18 @@ class ExpertBank(nnx.Module):
     out_std: float,
     rngs: nnx.Rngs,
     rules: sharding.Rules | None = None,
+    param_dtype=jnp.float32,
   ):
+    """`param_dtype`: the storage dtype of the weights (they are cast to the compute dtype)."""
     self.activation = activation
     self.rules = rules
-    self.w_in = param(rngs, (num_experts, d_model, d_expert), _W_AXES, init_std)
+    in_shape = (num_experts, d_model, d_expert)
+    self.w_in = param(rngs, in_shape, _W_AXES, init_std, param_dtype)
     self.w_gate = (
-      param(rngs, (num_experts, d_model, d_expert), _W_AXES, init_std)
-      if activation == "swiglu"
-      else None
+      param(rngs, in_shape, _W_AXES, init_std, param_dtype) if activation == "swiglu" else None
     )
     out_axes = ("expert", "expert_mlp", "expert_embed")
-    self.w_out = param(rngs, (num_experts, d_expert, d_model), out_axes, out_std)
+    self.w_out = param(rngs, (num_experts, d_expert, d_model), out_axes, out_std, param_dtype)
 
   def weights(self) -> dict:
     """The stacked arrays and the activation function, for grouped-matmul dispatches."""

@@ -1,6 +1,10 @@
 """Small building blocks shared by the model: parameter init, RMSNorm, rotary embeddings, MLP.
 
 Einsum letters: b batch, l length, d d_model, f hidden (d_ff).
+
+Parameters are stored in `param_dtype` (float32 by default, the only copy: there is no separate
+master copy) and cast to the compute dtype where they are used. Intermediates are tagged with the
+remat names of moejax.ops.remat (MLP_WI, MLP_WO) so the name-based remat policies can save them.
 """
 
 from __future__ import annotations
@@ -8,13 +12,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import sharding
+from moejax.ops import remat
 
 
-def param(rngs: nnx.Rngs, shape, axes, std: float) -> nnx.Param:
-  """A float32 normal(std) parameter annotated with logical axes (read by moejax.sharding)."""
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=tuple(axes))
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype=jnp.float32) -> nnx.Param:
+  """A normal(std) parameter annotated with logical axes (read by moejax.sharding).
+
+  Drawn in float32 whatever `dtype` (the storage dtype), so every dtype starts from the same
+  values up to rounding.
+  """
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), axes=tuple(axes))
 
 
 def activation_fn(name: str):
@@ -23,16 +34,19 @@ def activation_fn(name: str):
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm computed in float32, returned in the input dtype."""
+  """Root-mean-square norm over the last axis, computed in float32, returned in the input dtype.
 
-  def __init__(self, dim: int, *, eps: float = 1e-6):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("embed",))
+  `axes`: the logical axis of the scale ("embed" over d_model, "kv" over a head dimension).
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, axes=("embed",), dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=tuple(axes))
     self.eps = eps
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def apply_rope(x_blhk, theta: float, offset=0):
@@ -66,24 +80,27 @@ class DenseMLP(nnx.Module):
     out_std: float,
     rngs: nnx.Rngs,
     rules: sharding.Rules | None = None,
+    param_dtype=jnp.float32,
   ):
     self.activation = activation
     self.rules = rules
-    self.w_in = param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std)
+    make = lambda shape, axes, std: param(rngs, shape, axes, std, param_dtype)
+    self.w_in = make((d_model, d_ff), ("embed", "mlp"), init_std)
     self.w_gate = (
-      param(rngs, (d_model, d_ff), ("embed", "mlp"), init_std) if activation == "swiglu" else None
+      make((d_model, d_ff), ("embed", "mlp"), init_std) if activation == "swiglu" else None
     )
-    self.w_out = param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std)
+    self.w_out = make((d_ff, d_model), ("mlp", "embed"), out_std)
 
   def hidden(self, x_bld):
     """The post-activation hidden code [batch, length, d_ff] (used for interpretability too)."""
     dtype = x_bld.dtype
-    h = activation_fn(self.activation)(
-      jnp.einsum("bld,df->blf", x_bld, self.w_in[...].astype(dtype))
-    )
+    h_in = jnp.einsum("bld,df->blf", x_bld, self.w_in[...].astype(dtype))
+    h = activation_fn(self.activation)(checkpoint_name(h_in, remat.MLP_WI))
     if self.w_gate is not None:
-      h = h * jnp.einsum("bld,df->blf", x_bld, self.w_gate[...].astype(dtype))
+      gate = jnp.einsum("bld,df->blf", x_bld, self.w_gate[...].astype(dtype))
+      h = h * checkpoint_name(gate, remat.MLP_WI)
     return sharding.constrain(h, ("batch", "length", "act_mlp"), self.rules)
 
   def __call__(self, x_bld):
-    return jnp.einsum("blf,fd->bld", self.hidden(x_bld), self.w_out[...].astype(x_bld.dtype))
+    out = jnp.einsum("blf,fd->bld", self.hidden(x_bld), self.w_out[...].astype(x_bld.dtype))
+    return checkpoint_name(out, remat.MLP_WO)

@@ -1,7 +1,12 @@
 """Decoder-only transformer LM with MoE blocks every `moe_every` layers.
 
-Pre-norm residual blocks: x += attn(norm(x)); x += ffn(norm(x)), where ffn is a dense MLP or an
-MoE layer. Logits are float32 whatever the compute dtype.
+Pre-norm residual blocks (moejax/model/blocks.py), run as a Python loop over `blocks` or, with
+`model.scan_layers`, as an `nnx.scan` over `stack` (one repeating unit of `moe_every` layers per
+step; parameters with a leading layer axis). `model.remat` checkpoints every block.
+
+The model returns float32 logits [B, L, V], or (`return_hidden=True`) the final normalised hidden
+states [B, L, D], from which the training loss is computed in chunks of tokens without ever
+building the [B, L, V] logits (`logits(hidden)` gives them when needed).
 """
 
 from __future__ import annotations
@@ -13,37 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
+from moejax.model import blocks as blocks_lib
 from moejax.model import routers
 from moejax.model.attention import Attention
+from moejax.model.blocks import Block, is_moe_layer  # noqa: F401 - is_moe_layer re-exported
 from moejax.model.experts import ExpertBank
 from moejax.model.layers import DenseMLP, RMSNorm, param
 from moejax.model.moe_layer import MoELayer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def is_moe_layer(index: int, moe_every: int) -> bool:
-  """Layer `index` (0-based) is MoE when (index + 1) % moe_every == 0 (moe_every 2: 1, 3, ...)."""
-  return moe_every > 0 and (index + 1) % moe_every == 0
-
-
-class Block(nnx.Module):
-  def __init__(self, attention: Attention, ffn: nnx.Module, d_model: int, eps: float, rules=None):
-    self.attn_norm = RMSNorm(d_model, eps=eps)
-    self.attention = attention
-    self.ffn_norm = RMSNorm(d_model, eps=eps)
-    self.ffn = ffn
-    self.rules = rules
-
-  def __call__(self, x_bld, *, train: bool, rng, token_ids_bl=None):
-    x = x_bld + self.attention(self.attn_norm(x_bld))
-    h = self.ffn_norm(x)
-    if isinstance(self.ffn, MoELayer):
-      y, aux_losses, metrics = self.ffn(h, train=train, rng=rng, token_ids_bl=token_ids_bl)
-    else:
-      y, aux_losses, metrics = self.ffn(h), {}, {}
-    x = sharding.constrain(x + y, ("batch", "length", "act_embed"), self.rules)
-    return x, aux_losses, metrics
 
 
 class Transformer(nnx.Module):
@@ -61,15 +44,27 @@ class Transformer(nnx.Module):
     out_std = std / math.sqrt(2 * m.num_layers)  # GPT-2 style: residual writes scaled by depth
     head_dim = m.head_dim or d // m.num_heads
     d_expert = moe.d_expert or m.d_ff
+    pdtype = DTYPES[m.param_dtype]
     self.dtype = DTYPES[m.dtype]
     self.rules = rules
-    self.embed = param(rngs, (m.vocab_size, d), ("vocab", "embed"), 1.0)
-    # Every weight of a block: the same init scales, keys and sharding rules.
-    init = dict(init_std=std, out_std=out_std, rngs=rngs, rules=rules)
+    self.remat = m.remat
+    self.embed = param(rngs, (m.vocab_size, d), ("vocab", "embed"), 1.0, pdtype)
+    # Every weight of a block: the same init scales, keys, sharding rules and storage dtype.
+    init = dict(init_std=std, out_std=out_std, rngs=rngs, rules=rules, param_dtype=pdtype)
     mlp = lambda width: DenseMLP(d, width, activation=m.activation, **init)
     blocks = []
     for i in range(m.num_layers):
-      attn = Attention(d, m.num_heads, head_dim, rope_theta=m.rope_theta, **init)
+      attn = Attention(
+        d,
+        m.num_heads,
+        head_dim,
+        rope_theta=m.rope_theta,
+        num_kv_heads=m.num_kv_heads,
+        qk_norm=m.qk_norm,
+        norm_eps=m.norm_eps,
+        impl=m.attention_impl,
+        **init,
+      )
       if is_moe_layer(i, m.moe_every):
         router = routers.registry.build(moe, d_model=d, rngs=rngs)
         experts = ExpertBank(moe.num_experts, d, d_expert, activation=m.activation, **init)
@@ -85,37 +80,58 @@ class Transformer(nnx.Module):
         )
       else:
         ffn = mlp(m.d_ff)
-      blocks.append(Block(attn, ffn, d, m.norm_eps, rules))
-    self.blocks = nnx.List(blocks)
-    self.final_norm = RMSNorm(d, eps=m.norm_eps)
-    self.unembed = param(rngs, (d, m.vocab_size), ("embed", "vocab"), std)
+      blocks.append(Block(attn, ffn, d, m.norm_eps, rules, dtype=pdtype))
+    if m.scan_layers:
+      self.stack = blocks_lib.stack_blocks(blocks, blocks_lib.unit_size(m.moe_every))
+    else:
+      self.blocks = nnx.List(blocks)
+    self.final_norm = RMSNorm(d, eps=m.norm_eps, dtype=pdtype)
+    self.unembed = param(rngs, (d, m.vocab_size), ("embed", "vocab"), std, pdtype)
 
-  def __call__(self, tokens_bl, *, train: bool, rng: jax.Array | None = None):
+  @property
+  def scanned(self) -> bool:
+    return hasattr(self, "stack")
+
+  def block_modules(self) -> list[Block]:
+    """The Block modules: one per layer, or (scanned) one per unit position, stacked."""
+    return list(self.stack if self.scanned else self.blocks)
+
+  def __call__(
+    self, tokens_bl, *, train: bool, rng: jax.Array | None = None, return_hidden: bool = False
+  ):
     """Forward pass.
 
     Args:
       tokens_bl: int32 [batch, length].
       train: training mode (router jitter / noise, training capacity factor).
-      rng: PRNG key for stochastic routing; each MoE layer folds in its layer index.
+      rng: PRNG key for stochastic routing; layer i folds in its index i.
+      return_hidden: return the final normalised hidden states instead of the logits.
 
     Returns:
-      logits float32 [batch, length, vocab]; aux = {"losses": {name: sum over MoE layers},
-      "metrics": {"layer_{i}/{name}": array}}.
+      (logits float32 [batch, length, vocab], or hidden [batch, length, d_model] in the compute
+      dtype); aux = {"losses": {name: sum over MoE layers}, "metrics": {"layer_{i}/{name}": array}}.
     """
     x = jnp.take(self.embed[...], tokens_bl, axis=0).astype(self.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"), self.rules)
-    losses, metrics = {}, {}
-    for i, block in enumerate(self.blocks):
-      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, block_losses, block_metrics = block(x, train=train, rng=layer_rng, token_ids_bl=tokens_bl)
-      for name, value in block_losses.items():
-        losses[name] = losses.get(name, 0.0) + value
-        metrics[f"layer_{i}/{name}"] = value
-      for name, value in block_metrics.items():
-        metrics[f"layer_{i}/{name}"] = value
-    x = self.final_norm(x)
-    logits = jnp.einsum(
-      "bld,dv->blv", x, self.unembed[...].astype(x.dtype), preferred_element_type=jnp.float32
+    run = blocks_lib.scan_layers if self.scanned else blocks_lib.run_layers
+    x, losses, metrics = run(
+      self.stack if self.scanned else self.blocks,
+      x,
+      train=train,
+      rng=rng,
+      token_ids_bl=tokens_bl,
+      remat=self.remat,
     )
-    logits = sharding.constrain(logits, ("batch", "length", "act_vocab"), self.rules)
-    return logits, {"losses": losses, "metrics": metrics}
+    x = self.final_norm(x)
+    aux = {"losses": losses, "metrics": metrics}
+    return (x, aux) if return_hidden else (self.logits(x), aux)
+
+  def logits(self, hidden_bld):
+    """Final hidden states [B, L, D] -> float32 logits [B, L, V]."""
+    logits = jnp.einsum(
+      "bld,dv->blv",
+      hidden_bld,
+      self.unembed[...].astype(hidden_bld.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return sharding.constrain(logits, ("batch", "length", "act_vocab"), self.rules)

@@ -19,8 +19,14 @@ import jax
 import jax.numpy as jnp
 
 
-def split_microbatches(batch: Any, microbatches: int) -> Any:
-  """Every leaf [N * b, ...] -> [N, b, ...]; microbatch i holds rows i*b .. (i+1)*b - 1."""
+def split_microbatches(batch: Any, microbatches: int, shards: int = 1) -> Any:
+  """Every leaf [N * b, ...] -> [N, b, ...].
+
+  With shards = 1 microbatch i holds rows i*b .. (i+1)*b - 1. When the batch axis is split over
+  `shards` devices in contiguous blocks of m = N*b/shards rows, microbatch i takes rows
+  i*m/N .. (i+1)*m/N - 1 of every block, so each microbatch stays spread over all the devices
+  (a reshape of the sharded axis, no data movement).
+  """
   if microbatches <= 0:
     raise ValueError(f"microbatches must be >= 1, got {microbatches}")
   leaves = jax.tree.leaves(batch)
@@ -32,7 +38,18 @@ def split_microbatches(batch: Any, microbatches: int) -> Any:
         f"batch leading size {jnp.shape(leaf)[:1]} is not divisible by microbatches="
         f"{microbatches}; make the batch size a multiple of it"
       )
-  return jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+  for leaf in leaves:
+    if jnp.shape(leaf)[0] % (microbatches * shards):
+      raise ValueError(
+        f"batch leading size {jnp.shape(leaf)[0]} is not divisible by microbatches="
+        f"{microbatches} x shards={shards}"
+      )
+
+  def split(x):
+    blocks = x.reshape(shards, microbatches, -1, *x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape(microbatches, -1, *x.shape[1:])
+
+  return jax.tree.map(split, batch)
 
 
 def accumulate_gradients(
@@ -42,6 +59,7 @@ def accumulate_gradients(
   *,
   microbatches: int,
   rng: jax.Array | None = None,
+  shards: int = 1,
 ):
   """Mean loss, mean auxiliary outputs and mean gradient over N microbatches.
 
@@ -53,12 +71,13 @@ def accumulate_gradients(
     batch: pytree of arrays with a common leading batch axis divisible by `microbatches`.
     microbatches: N; 1 runs the function once on the whole batch (no scan).
     rng: optional PRNG key; microbatch i gets `jax.random.fold_in(rng, i)`.
+    shards: devices the batch axis is split over (see `split_microbatches`).
 
   Returns:
     (loss, aux, grads): float32 mean loss, aux averaged leaf by leaf (float32), grads with the
     structure and dtypes of params.
   """
-  stacked = split_microbatches(batch, microbatches)
+  stacked = split_microbatches(batch, microbatches, shards)
   grad_fn = jax.value_and_grad(loss_and_aux_fn, has_aux=True)
 
   def run(microbatch, index):

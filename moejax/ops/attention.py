@@ -59,17 +59,27 @@ def reference_attention(
   b, length, _, head_dim = q_blhk.shape
   max_len = k_bmgk.shape[1]
   scale = head_dim**-0.5 if scale is None else scale
+  q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+  mask_lm = attention_mask.visible_mask(
+    q_pos, jnp.arange(max_len, dtype=jnp.int32), num_keys=max_len, kv_len=kv_len, causal=causal
+  )
+  v32 = v_bmgk.astype(jnp.float32)
+  if num_kv_heads == num_heads:  # plain multi-head attention: [B, H, L, M] scores, no grouping
+    s = jnp.einsum("blhk,bmhk->bhlm", q_blhk, k_bmgk, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(s * scale, mask_lm[:, None])
+    return jnp.einsum("bhlm,bmhk->blhk", probs, v32).astype(q_blhk.dtype)
   q_blgrk = q_blhk.reshape(b, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   s = jnp.einsum("blgrk,bmgk->bgrlm", q_blgrk, k_bmgk, preferred_element_type=jnp.float32)
-  q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-  mask = attention_mask.visible_mask(
-    q_pos, jnp.arange(max_len, dtype=jnp.int32), num_keys=max_len, kv_len=kv_len, causal=causal
-  )[:, None, None]
-  s = jnp.where(mask, s * scale, -jnp.inf)
-  # Rows without any visible key would be NaN (all -inf); give them zeros instead.
-  probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask.any(-1, keepdims=True), s, 0.0)), 0.0)
-  out = jnp.einsum("bgrlm,bmgk->blgrk", probs, v_bmgk.astype(jnp.float32))
+  probs = _masked_softmax(s * scale, mask_lm[:, None, None])
+  out = jnp.einsum("bgrlm,bmgk->blgrk", probs, v32)
   return out.reshape(q_blhk.shape).astype(q_blhk.dtype)
+
+
+def _masked_softmax(scores, mask):
+  """Softmax over the last axis of the visible entries; masked entries and rows without any
+  visible key get probability exactly 0 (instead of NaN)."""
+  s = jnp.where(mask, scores, -jnp.inf)
+  return jnp.where(mask, jax.nn.softmax(jnp.where(mask.any(-1, keepdims=True), s, 0.0)), 0.0)
 
 
 def xla_fused_attention(

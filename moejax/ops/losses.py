@@ -1,18 +1,21 @@
 """Token cross-entropy of the unembedding without materialising [T, V] logits.
 
-`chunked_nll_sum` walks over chunks of `chunk` tokens with `jax.lax.scan`; each step builds only
-float32 [chunk, V] logits. Its `jax.custom_vjp` forward also computes the gradients chunk by chunk
-(the loss is a scalar, so d loss / d logits = softmax - onehot is known as soon as a chunk's
-logits are), keeping d hidden [T, D] and a float32 d unembed [D, V] as residuals; the backward
-only scales them by the incoming cotangent. That is 3 matmuls per chunk in training (logits,
-d hidden, d unembed) against 4 for recomputation with `jax.checkpoint`, and no [T, V] tensor in
-either pass. Without differentiation (evaluation) only the logits and the loss are computed.
+`chunked_nll_sum` walks over chunks of about `chunk` tokens with `jax.lax.scan`; each step builds
+only float32 [chunk, V] logits. A [B, L, D] input is chunked along L (a chunk = the same
+max(1, chunk // B) positions of every row), so when the batch axis is sharded over devices each
+device keeps its rows and the scan axis is never split across devices. Its `jax.custom_vjp`
+forward also computes the gradients chunk by chunk (the loss is a scalar, so d loss / d logits =
+softmax - onehot is known as soon as a chunk's logits are), keeping d hidden [T, D] and a float32
+d unembed [D, V] as residuals; the backward only scales them by the incoming cotangent. That is
+3 matmuls per chunk in training (logits, d hidden, d unembed) against 4 for recomputation with
+`jax.checkpoint`, and no [T, V] tensor in either pass. Without differentiation (evaluation) only
+the logits and the loss are computed.
 
 Optional z-loss (PaLM, Chowdhery et al. 2022): z_loss_weight * logsumexp(logits)^2 per token,
 keeping the softmax normaliser near 1.
 
-Einsum letters: t token (batch and length flattened), d d_model, v vocabulary, c token in a chunk,
-n chunk.
+Einsum letters: t token (batch and length flattened), b row, d d_model, v vocabulary, c position
+in a chunk, n chunk.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def chunked_nll_sum(
       dtype with float32 accumulation, like the model's unembedding).
     unembed_dv: [D, V] unembedding matrix (cast to hidden's dtype for the matmul).
     targets_t: int [T] or [B, L] target token ids.
-    chunk: tokens per chunk; T need not be a multiple (the tail chunk is padded and masked).
+    chunk: tokens per chunk; [B, L, D] is chunked along L, max(1, chunk // B) positions at a
+      time; the length need not be a multiple (the tail chunk is padded and masked).
     mask: None (every token counts) or bool / 0-1 float of targets' shape; a float mask is a
       per-token weight.
     z_loss_weight: weight of the z-loss term logsumexp(logits)^2 added to each token's NLL.
@@ -72,10 +76,16 @@ def chunked_nll_sum(
   """
   if chunk <= 0:
     raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
-  hidden_td, targets_t, weights_t = _flatten(hidden_td, targets_t, mask)
-  static = _Static(chunk=min(chunk, hidden_td.shape[0]), z_loss_weight=float(z_loss_weight))
-  total = _chunked_sum(hidden_td, unembed_dv, targets_t, weights_t, static)
-  return total, jnp.sum(weights_t)
+  _flatten(hidden_td, targets_t, mask)  # checks the shapes
+  hidden_bld = hidden_td if hidden_td.ndim == 3 else hidden_td.reshape(1, -1, hidden_td.shape[-1])
+  targets_bl = targets_t.reshape(hidden_bld.shape[:2]).astype(jnp.int32)
+  weights = jnp.ones(targets_t.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  weights_bl = weights.reshape(hidden_bld.shape[:2])
+  b, length = hidden_bld.shape[:2]
+  positions = min(max(1, chunk // b), length)
+  static = _Static(chunk=positions, z_loss_weight=float(z_loss_weight))
+  total = _chunked_sum(hidden_bld, unembed_dv, targets_bl, weights_bl, static)
+  return total, jnp.sum(weights_bl)
 
 
 def chunked_cross_entropy(
@@ -103,69 +113,75 @@ def _flatten(hidden, targets, mask):
 
 
 def _logits(hidden_cd, unembed_dv):
+  """[..., D] x [D, V] -> float32 [..., V]."""
   return jnp.einsum(
-    "cd,dv->cv", hidden_cd, unembed_dv.astype(hidden_cd.dtype), preferred_element_type=jnp.float32
+    "...d,dv->...v",
+    hidden_cd,
+    unembed_dv.astype(hidden_cd.dtype),
+    preferred_element_type=jnp.float32,
   )
 
 
-def _chunked(static: _Static, hidden_td, targets_t, weights_t):
-  """Pads T to a multiple of the chunk (weight 0) and splits: [N, C, D], [N, C], [N, C]."""
-  pad = -hidden_td.shape[0] % static.chunk
-  hidden_td = jnp.pad(hidden_td, [(0, pad), (0, 0)])
-  targets_t, weights_t = jnp.pad(targets_t, (0, pad)), jnp.pad(weights_t, (0, pad))
-  n = hidden_td.shape[0] // static.chunk
-  return (
-    hidden_td.reshape(n, static.chunk, -1),
-    targets_t.reshape(n, static.chunk),
-    weights_t.reshape(n, static.chunk),
-  )
+def _chunked(static: _Static, hidden_bld, targets_bl, weights_bl):
+  """Pads L to a multiple of the chunk's C positions (weight 0) and splits along L:
+  [N, B, C, D], [N, B, C], [N, B, C] (chunk n = positions n*C .. (n+1)*C - 1 of every row)."""
+  b, length = targets_bl.shape
+  pad = -length % static.chunk
+  n = (length + pad) // static.chunk
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, static.chunk, *x.shape[2:]), 1, 0)
+
+  return split(hidden_bld), split(targets_bl), split(weights_bl)
 
 
-def _chunk_loss(static: _Static, hidden_cd, unembed_dv, targets_c, weights_c):
-  """Returns (weighted loss sum of the chunk, float32 logits [C, V], logsumexp [C])."""
-  logits_cv = _logits(hidden_cd, unembed_dv)
-  lse_c = jax.nn.logsumexp(logits_cv, axis=-1)
-  target_logit_c = jnp.take_along_axis(logits_cv, targets_c[:, None], axis=-1)[:, 0]
-  per_token = lse_c - target_logit_c + static.z_loss_weight * jnp.square(lse_c)
-  return jnp.sum(weights_c * per_token), logits_cv, lse_c
+def _chunk_loss(static: _Static, hidden_bcd, unembed_dv, targets_bc, weights_bc):
+  """Returns (weighted loss sum of the chunk, float32 logits [B, C, V], logsumexp [B, C])."""
+  logits_bcv = _logits(hidden_bcd, unembed_dv)
+  lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+  target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+  per_token = lse_bc - target_logit_bc + static.z_loss_weight * jnp.square(lse_bc)
+  return jnp.sum(weights_bc * per_token), logits_bcv, lse_bc
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_sum(hidden_td, unembed_dv, targets_t, weights_t, static: _Static):
+def _chunked_sum(hidden_bld, unembed_dv, targets_bl, weights_bl, static: _Static):
   def step(total, xs):
-    h_cd, t_c, w_c = xs
-    return total + _chunk_loss(static, h_cd, unembed_dv, t_c, w_c)[0], None
+    h_bcd, t_bc, w_bc = xs
+    return total + _chunk_loss(static, h_bcd, unembed_dv, t_bc, w_bc)[0], None
 
-  xs = _chunked(static, hidden_td, targets_t, weights_t)
+  xs = _chunked(static, hidden_bld, targets_bl, weights_bl)
   return jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)[0]
 
 
-def _chunked_sum_fwd(hidden_td, unembed_dv, targets_t, weights_t, static: _Static):
-  compute = hidden_td.dtype
+def _chunked_sum_fwd(hidden_bld, unembed_dv, targets_bl, weights_bl, static: _Static):
+  compute = hidden_bld.dtype
 
   def step(carry, xs):
     total, d_unembed_dv = carry
-    h_cd, t_c, w_c = xs
-    loss, logits_cv, lse_c = _chunk_loss(static, h_cd, unembed_dv, t_c, w_c)
-    probs_cv = jnp.exp(logits_cv - lse_c[:, None])
+    h_bcd, t_bc, w_bc = xs
+    loss, logits_bcv, lse_bc = _chunk_loss(static, h_bcd, unembed_dv, t_bc, w_bc)
+    probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
     # d/dlogits of NLL is softmax - onehot; of z * lse^2 it is 2 z lse softmax.
-    z_factor_c = 1.0 + 2.0 * static.z_loss_weight * lse_c
-    onehot_cv = jax.nn.one_hot(t_c, logits_cv.shape[-1], dtype=jnp.float32)
-    d_logits_cv = (w_c[:, None] * (probs_cv * z_factor_c[:, None] - onehot_cv)).astype(compute)
-    d_hidden_cd = jnp.einsum(
-      "cv,dv->cd", d_logits_cv, unembed_dv.astype(compute), preferred_element_type=jnp.float32
+    z_factor_bc = 1.0 + 2.0 * static.z_loss_weight * lse_bc
+    onehot_bcv = jax.nn.one_hot(t_bc, logits_bcv.shape[-1], dtype=jnp.float32)
+    d_logits_bcv = w_bc[..., None] * (probs_bcv * z_factor_bc[..., None] - onehot_bcv)
+    d_logits_bcv = d_logits_bcv.astype(compute)
+    d_hidden_bcd = jnp.einsum(
+      "bcv,dv->bcd", d_logits_bcv, unembed_dv.astype(compute), preferred_element_type=jnp.float32
     )
     d_unembed_dv = d_unembed_dv + jnp.einsum(
-      "cd,cv->dv", h_cd, d_logits_cv, preferred_element_type=jnp.float32
+      "bcd,bcv->dv", h_bcd, d_logits_bcv, preferred_element_type=jnp.float32
     )
-    return (total + loss, d_unembed_dv), d_hidden_cd.astype(compute)
+    return (total + loss, d_unembed_dv), d_hidden_bcd.astype(compute)
 
-  xs = _chunked(static, hidden_td, targets_t, weights_t)
+  xs = _chunked(static, hidden_bld, targets_bl, weights_bl)
   init = (jnp.zeros((), jnp.float32), jnp.zeros(unembed_dv.shape, jnp.float32))
-  (total, d_unembed_dv), d_hidden_ncd = jax.lax.scan(step, init, xs)
-  num_tokens = hidden_td.shape[0]
-  d_hidden_td = d_hidden_ncd.reshape(-1, hidden_td.shape[-1])[:num_tokens]
-  return total, (d_hidden_td, d_unembed_dv.astype(unembed_dv.dtype))
+  (total, d_unembed_dv), d_hidden_nbcd = jax.lax.scan(step, init, xs)
+  b, length, d = hidden_bld.shape
+  d_hidden_bld = jnp.moveaxis(d_hidden_nbcd, 0, 1).reshape(b, -1, d)[:, :length]
+  return total, (d_hidden_bld, d_unembed_dv.astype(unembed_dv.dtype))
 
 
 def _chunked_sum_bwd(static: _Static, residuals, g):
