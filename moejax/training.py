@@ -170,4 +170,4 @@ def to_program_layout(cfg, program: Program, state: dict) -> dict:
   if layout.layout_of(state["params"]) in (None, wanted):
     return state
   convert = lambda s: layout.to_layout(s, wanted, unit_size(cfg.model.moe_every))
-  return jax.jit(convert, out_shardings=program.state_shardings, donate_argnums=0)(state)
+  return jax.jit(convert, out_shardings=program.state_shardings)(state)

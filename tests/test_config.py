@@ -43,6 +43,14 @@ def test_switch_base_is_the_real_recipe():
     ("model.activation", "tanh", "model.activation='tanh' is not one of: gelu, relu, swiglu"),
     ("model.moe.group_size", 100, "model.moe.group_size=100 does not divide"),
     ("mesh.rules.batch", "data,pod", "mesh.rules.batch='data,pod': unknown mesh axes ['pod']"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("model.remat", "some", "model.remat='some' is not one of: none, full, minimal"),
+    ("model.attention_impl", "flash", "model.attention_impl='flash' is not one of: auto"),
+    ("model.param_dtype", "float16", "model.param_dtype='float16' is not one of"),
+    ("optim.moment_dtype", "int8", "optim.moment_dtype='int8' is not one of"),
+    ("train.microbatches", 3, "train.microbatches=3 must divide train.batch_size=32"),
+    ("train.loss_chunk", -1, "train.loss_chunk=-1: must be >= 0"),
+    ("model.scan_layers", True, "model.num_layers=4 is not a multiple of 3"),
   ],
 )
 def test_bad_values_raise_one_line(key, value, expected):
@@ -52,10 +60,56 @@ def test_bad_values_raise_one_line(key, value, expected):
   for p in parents:
     node = node[p]
   node[leaf] = value
+  if key == "model.scan_layers":
+    c.model.moe_every = 3
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(c, 1)
   assert expected in str(err.value)
   assert "\n" not in str(err.value)
+
+
+def test_microbatches_and_kv_heads_against_the_mesh():
+  c = config_lib.default_config()
+  c.train.batch_size, c.train.microbatches, c.model.moe.group_size = 16, 4, 128
+  with pytest.raises(config_lib.ConfigError, match="microbatches=4 must divide the 2 rows"):
+    config_lib.validate(c, 8)  # 2 rows per device cannot split in 4
+  c.train.microbatches, c.mesh.data, c.mesh.tensor = 2, 4, 2
+  c.model.num_kv_heads = 1
+  with pytest.raises(config_lib.ConfigError, match="num_kv_heads=1 is not divisible by the 2"):
+    config_lib.validate(c, 8)
+
+
+def test_top2_dropless_sequence_is_causal_and_accepted():
+  """Mixtral's routing (top-2, dropless, groups of consecutive tokens) has no capacity
+  competition, so the causality guard accepts it; the capacity dispatch is refused."""
+  c = load_config("configs/mixtral_8x7b.py", "tiny")
+  assert (c.model.moe.top_k, c.model.moe.dispatch, c.model.moe.group_layout) == (
+    2,
+    "dropless",
+    "sequence",
+  )
+  config_lib.validate(c, 1)
+  c.model.moe.dispatch = "capacity"
+  with pytest.raises(config_lib.ConfigError, match="leaks the future"):
+    config_lib.validate(c, 1)
+
+
+@pytest.mark.parametrize(
+  "recipe, params, devices",
+  [
+    ("configs/mixtral_8x7b.py", 46_702_792_704, 16),
+    ("configs/qwen3_moe_30b_a3b.py", 30_532_122_624, 8),
+  ],
+)
+def test_large_recipes_have_the_published_sizes(recipe, params, devices):
+  """Parameter counts of the published models (embeddings untied, no biases), exactly."""
+  from flax import nnx
+
+  c = load_config(recipe)
+  config_lib.validate(c, devices)
+  abstract = nnx.eval_shape(lambda: Transformer(c.model, rngs=nnx.Rngs(0)))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == params
+  config_lib.validate(load_config(recipe, "tiny"), 1)
 
 
 def test_unknown_router_lists_known_ones():

@@ -146,3 +146,24 @@ def test_expert_noise_is_relative_and_per_expert():
   np.testing.assert_array_equal(
     np.asarray(exact["experts"]["w_in"]), np.broadcast_to(dense_w, (5, 3, 4))
   )
+
+
+def test_upcycling_into_a_scanned_model(dense, tmp_path):
+  """The plan works on per-layer names: a per-layer dense checkpoint upcycles into a scanned
+  MoE model (stacked experts) that computes the dense function."""
+  dense_dir, corpus, _ = dense
+  cfg = _moe_config(corpus, dense_dir)
+  cfg.model.scan_layers = True
+  start = train.run(cfg, str(tmp_path / "moe"), progress=False, stop_at=0)
+  mesh, rules = start["mesh"], restore.config_lib.rules_from_config(cfg.mesh)
+  dense_cfg = restore.load_run_config(dense_dir)
+  dense_cfg.mesh.data, dense_cfg.mesh.expert = 2, 4
+  dense_model = restore.restore_model(dense_dir, dense_cfg, mesh, rules)
+  tokens = np.random.default_rng(0).integers(0, 512, (8, 32), dtype=np.int32)
+  want, _ = _logits(dense_model.graphdef, dense_model.params, dense_model.model_state, tokens, mesh)
+  graphdef, _, _ = restore.abstract_model(cfg.model, rules=rules)
+  state = start["state"]
+  got, _ = _logits(graphdef, state["params"], state["model_state"], tokens, mesh)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  experts = np.asarray(state["params"]["stack"][1]["ffn"]["experts"]["w_in"])  # [units, E, D, F]
+  np.testing.assert_array_equal(experts[0, 3], dense_model.params["blocks"][1]["ffn"]["w_in"])

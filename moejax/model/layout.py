@@ -64,29 +64,36 @@ def _index_key(example, i: int):
 
 
 def _stack(per_layer: dict, unit: int) -> dict:
-  """{i: subtree} -> {j: subtree with leaves stacked over u = layers j, j+unit, ...}."""
-  keys = sorted(per_layer, key=int)
-  if len(keys) % unit or [int(k) for k in keys] != list(range(len(keys))):
-    raise ValueError(f"layers {keys} cannot be stacked in units of {unit}")
+  """{i: subtree} -> {j: subtree with leaves stacked over u = layers j, j+unit, ...}.
+
+  Trees of non-parameter state hold only some layers (e.g. the MoE layers' router state):
+  every unit position present must then be present in every unit.
+  """
+  layers = sorted(per_layer, key=int)
+  num_units = (int(layers[-1]) // unit + 1) if layers else 0
   out = {}
-  for j in range(unit):
-    group = [per_layer[k] for k in keys[j::unit]]
-    out[_index_key(keys[0], j)] = jax.tree.map(_stack_leaves, *group)
+  for j in sorted({int(k) % unit for k in layers}):
+    group = [k for k in layers if int(k) % unit == j]
+    if [int(k) // unit for k in group] != list(range(num_units)):
+      raise ValueError(f"layers {layers} cannot be stacked in units of {unit}")
+    out[_index_key(group[0], j)] = jax.tree.map(_stack_leaves, *(per_layer[k] for k in group))
   return out
 
 
 def _unstack(stacked: dict, unit: int | None) -> dict:
-  """{j: subtree with a leading axis of U} -> {u * unit + j: subtree[u]}."""
+  """{j: subtree with a leading axis of U} -> {u * unit + j: subtree[u]}.
+
+  The unit defaults to the highest position + 1 (a unit ends with its MoE layer, which every
+  tree of the model holds).
+  """
   keys = sorted(stacked, key=int)
-  if unit and len(keys) != unit:
-    raise ValueError(f"a stack of {len(keys)} unit positions does not match units of {unit}")
-  unit = len(keys)
+  unit = unit or (int(keys[-1]) + 1 if keys else 1)
   shaped = [x for x in jax.tree.leaves(stacked) if hasattr(x, "shape")]
   num_units = shaped[0].shape[0] if shaped else 0
   out = {}
   for u in range(num_units):
-    for j, key in enumerate(keys):
-      out[_index_key(key, u * unit + j)] = jax.tree.map(
+    for key in keys:
+      out[_index_key(key, u * unit + int(key))] = jax.tree.map(
         lambda x, u=u: _index_leaf(x, u), stacked[key]
       )
   return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
