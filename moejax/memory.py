@@ -38,11 +38,26 @@ def _meminfo_bytes(field: str) -> int:
 
 def _per_device_bytes(x, mesh_shape) -> float:
   """Bytes of one device's shard of an abstract array carrying a NamedSharding."""
-  shards = 1
+  return x.size * x.dtype.itemsize / _shards(x, mesh_shape)
+
+
+def _shards(x, mesh_shape, axes=None) -> int:
+  """Shards of `x` over all its mesh axes, or only over `axes`."""
+  n = 1
   for part in getattr(getattr(x, "sharding", None), "spec", ()):
     for axis in (part if isinstance(part, tuple) else (part,)) if part else ():
-      shards *= mesh_shape[axis]
-  return x.size * x.dtype.itemsize / shards
+      n *= mesh_shape[axis] if axes is None or axis in axes else 1
+  return n
+
+
+# Calibration against XLA's memory analysis of the compiled train step (`--dry_run`, XLA:CPU;
+# docs/PERFORMANCE.md, "Dry runs"). Bytes per saved activation element: the compute dtype, plus a
+# float32 copy XLA:CPU keeps of bfloat16 tensors.
+_ACT_BYTES = {"float32": 4, "bfloat16": 6}
+# FSDP: a scanned unit's weights gathered for the forward and the backward and its full gradient
+# (XLA:CPU all-reduces it), plus compute-dtype copies when that differs from float32.
+_GATHERED_COPIES = {"float32": 2, "bfloat16": 5}
+_VOCAB_COPIES = 6  # embedding and unembedding: gradients, float32 accumulator, gathered copies
 
 
 def estimate_memory_bytes(
@@ -55,12 +70,13 @@ def estimate_memory_bytes(
       `NamedSharding`s.
     cfg: the validated config.
     mesh_shape: resolved mesh axis sizes.
-    rules: the sharding rules (which mesh axes split the batch, heads, vocabulary).
+    rules: the sharding rules (which mesh axes split the batch, heads, vocabulary, weights).
 
   Returns:
-    dict with `params`, `optimizer` (the optimizer state as stored), `gradients` (gradients,
-    the float32 update and, with microbatches, the float32 accumulator), `activations`
-    (`activation_bytes`) and `total`, all bytes per device.
+    dict with `params`, `optimizer` (the optimizer state as stored), `gradients` (where weights
+    are sharded over FSDP axes, the gathered weights and full gradients of the layers in flight;
+    with microbatches the float32 accumulator), `activations` (`activation_bytes`) and `total`,
+    all bytes per device.
   """
   import jax  # local: config_lib stays importable without a backend
 
@@ -74,11 +90,13 @@ def estimate_memory_bytes(
   else:
     moment = 2 if getattr(cfg.optim, "moment_dtype", "float32") == "bfloat16" else 4
     opt_bytes = 2 * elements * moment
-  # Gradients in the parameters' dtype, their float32 copy for the update (computed in float32),
-  # and the float32 accumulator of gradient accumulation.
-  grad_bytes = param_bytes + (4 * elements if param_bytes < 4 * elements else 0)
-  if cfg.train.microbatches > 1:
-    grad_bytes += 4 * elements
+  gathered = set(rules["embed"]) | set(rules["expert_embed"])
+  in_flight = _unit_gathered_bytes(params, cfg, mesh_shape, gathered)
+  if isinstance(params, dict) and "stack" in params:
+    in_flight *= _GATHERED_COPIES[cfg.model.dtype]
+  # The gradients themselves need no memory of their own in XLA's assignment: the optimizer
+  # update consumes them as they are produced and writes into the donated state (measured).
+  grad_bytes = in_flight + (4 * elements if cfg.train.microbatches > 1 else 0)
   est = {
     "params": param_bytes,
     "optimizer": opt_bytes,
@@ -89,29 +107,56 @@ def estimate_memory_bytes(
   return est
 
 
-def activation_bytes(cfg, mesh_shape: dict[str, int], rules: sharding.Rules) -> float:
-  """What the forward pass keeps for the backward, plus the working set of one layer, per device.
+def _unit_gathered_bytes(params, cfg, mesh_shape, gathered_axes) -> float:
+  """Bytes of one scan unit's (or, unscanned, every layer's) weights gathered over the FSDP
+  axes (0 when no weight is split over them): XLA:CPU issues the gathers of an unrolled layer
+  loop all at once (measured: about one copy of every layer in flight), a scanned one a unit at a
+  time."""
+  import jax
 
-  Per device-local token of one microbatch, with a = bytes of the compute dtype (per layer):
-  - attention: inputs and norms 2D, q/k/v (H + 2G)K, RoPE'd q/k (H + G)K, context HK, output D;
-    the reference kernel's float32 scores and probabilities 8HL (blockwise: none);
-  - dense MLP: 2D + 3F; MoE: router logits 4E (float32), 2D + cf k (2D + 3F_expert)
-    (dispatch buffers, expert hidden, combine) and shared experts 3F_shared;
-  - heads, MLP hidden and vocabulary divide over the mesh axes of their rules.
-  Remat: `none` keeps every layer's tensors; `full` keeps each layer's input (D) plus one layer's
-  tensors recomputed in the backward; `minimal` (and the name-based policies) keeps the
-  projections without batch dimensions (q, k, v, output, dense MLP, router logits) plus one
-  layer's tensors. The loss adds one chunk of float32 logits (3 copies) and the float32 [D, V]
-  gradient; without chunking the full [tokens, V] logits.
+  if not any(mesh_shape[a] > 1 for a in gathered_axes) or not isinstance(params, dict):
+    return 0.0
+  layers = params.get("stack", params.get("blocks", {}))
+  total = sum(
+    _per_device_bytes(x, mesh_shape) * _shards(x, mesh_shape, gathered_axes)
+    for x in jax.tree.leaves(layers)
+  )
+  if "stack" in params:
+    return total / max(1, cfg.model.num_layers // _unit(cfg))
+  return total
+
+
+def _unit(cfg) -> int:
+  return cfg.model.moe_every if cfg.model.moe_every else 1
+
+
+def activation_bytes(cfg, mesh_shape: dict[str, int], rules: sharding.Rules) -> float:
+  """What the forward pass keeps for the backward plus the working set of one unit, per device.
+
+  s = bytes per activation element (4 float32; 6 bfloat16: XLA:CPU adds float32 copies). Per
+  device-local token of one microbatch (T tokens; the MoE layer sees T_moe = the batch over its
+  'group' axes, all of them on the other batch axes) of one layer, in elements:
+  - attention: 3D + 3(H + 2G)K (norms, q/k/v and their RoPE'd copies, context, output); the
+    plain kernel's float32 scores and probabilities 2HL (blockwise: two float32 512 x 512
+    tiles per head and row in flight, per layer unrolled, per unit scanned);
+  - dense MLP: 2D + F (2F with SwiGLU); MoE: 2D, expert side (4F_expert + 2D) per (token,
+    choice) slot (k cf per token, k for dropless; T_moe tokens over the expert axis), shared experts
+    4F_shared; the routing groups (D, and 4E float32 router logits per T_moe token) twice, as
+    working set only;
+  - heads, MLP and vocabulary widths divide over the mesh axes of their rules.
+  Remat `none` keeps every layer's tensors (and, under FSDP, XLA keeps each layer's gathered
+  weights: `gradients`); `full` keeps each layer's input (D) plus one unit recomputed in the
+  backward; `minimal` and the name-based policies keep the projections without batch dimensions
+  (q, k, v, output, dense MLP) plus one unit. The loss adds one chunk of float32 logits (3
+  copies) and the embedding and unembedding copies (their gradients and float32 accumulator).
   """
   m, moe, t = cfg.model, cfg.model.moe, cfg.train
-  size = lambda name: (
-    math.prod(mesh_shape[a] for a in rules[name]) if name in dict(rules.table) else 1
-  )
+  size = lambda name: math.prod(mesh_shape[a] for a in _rule(rules, name))
   batch_shards = size("batch")
   rows = t.batch_size // t.microbatches
   tokens = rows * t.seq_len / batch_shards
-  a = 2 if m.dtype == "bfloat16" else 4
+  moe_tokens = rows * t.seq_len / size("group")
+  s = _ACT_BYTES[m.dtype]
   d, v, e = m.d_model, m.vocab_size, moe.num_experts
   head_dim = m.head_dim or d // m.num_heads
   hk = m.num_heads * head_dim / size("act_heads")
@@ -121,32 +166,46 @@ def activation_bytes(cfg, mesh_shape: dict[str, int], rules: sharding.Rules) -> 
   reference = m.attention_impl == "reference" or (
     m.attention_impl == "auto" and t.seq_len < 1024 and _backend() == "cpu"
   )
-  scores = 8 * m.num_heads / size("act_heads") * t.seq_len if reference else 0.0
-  attn = a * (3 * d + 3 * hk + 3 * gk + hk) + scores
-  attn_kept = a * (2 * d + hk + 2 * gk)  # input, output, q, k, v projections
-  dense = a * (2 * d + 3 * f)
-  dense_kept = a * (3 * f) / 1.5
-  routed = a * (2 * d + moe.capacity_factor * moe.top_k * (2 * d + 3 * f_exp) + 3 * f_shared)
-  moe_layer = routed + 4 * e
-  moe_kept = 4 * e + a * 2 * f_shared
-  num_moe = m.num_layers // m.moe_every if m.moe_every else 0
+  heads = m.num_heads / size("act_heads")
+  scores = 2 * 4 * heads * t.seq_len if reference else 0.0
+  attn = tokens * (s * (3 * d + 3 * (hk + 2 * gk)) + scores)
+  # The blockwise kernel's float32 [block_q, block_k] tiles, two per layer in flight.
+  tiles = 0.0 if reference else 2 * 4 * heads * 512 * min(512, t.seq_len) * rows / batch_shards
+  attn_kept = tokens * s * (2 * d + hk + 2 * gk)
+  gates = 2 if m.activation == "swiglu" else 1  # hidden tensors kept per MLP (the rest recomputed)
+  dense = tokens * s * (2 * d + gates * f)
+  dense_kept = tokens * s * gates * f
+  slots = moe.top_k * (1.0 if moe.dispatch == "dropless" else moe.capacity_factor)
+  expert_side = moe_tokens * slots * s * (4 * f_exp + 2 * d) / size("expert")
+  moe_layer = tokens * s * (2 * d + 4 * f_shared) + expert_side
+  moe_kept = tokens * s * 2 * f_shared
+  groups = 2 * moe_tokens * (s * d + 4 * e) if num_moe_layers(cfg) else 0.0
+  num_moe = num_moe_layers(cfg)
   num_dense = m.num_layers - num_moe
-  full_layer = max(attn + (moe_layer if num_moe else dense), attn + dense if num_dense else 0.0)
+  unit = (m.moe_every - 1) * dense + moe_layer + groups if num_moe else dense
+  unit += _unit(cfg) * (attn + tiles)
   if m.remat == "none":
-    per_token = m.num_layers * attn + num_dense * dense + num_moe * moe_layer
+    kept = m.num_layers * attn + num_dense * dense + num_moe * moe_layer + groups
+    kept += (_unit(cfg) if m.scan_layers else m.num_layers) * tiles
   elif m.remat == "full":
-    per_token = m.num_layers * a * d + full_layer
+    kept = m.num_layers * tokens * s * d + unit
   else:
-    kept = m.num_layers * (a * d + attn_kept) + num_dense * dense_kept + num_moe * moe_kept
-    per_token = kept + full_layer
+    kept = m.num_layers * (tokens * s * d + attn_kept) + num_dense * dense_kept
+    kept += num_moe * moe_kept + unit
   vocab = v / size("act_vocab")
   all_tokens = rows * t.seq_len
-  if t.loss_chunk and all_tokens > t.loss_chunk:
-    loss = 12 * vocab * min(t.loss_chunk, all_tokens) / batch_shards + 4 * d * v / size("vocab")
-    loss += a * d * tokens  # d hidden, kept from the forward
-  else:
-    loss = 12 * vocab * tokens
-  return tokens * per_token + loss
+  chunk = min(t.loss_chunk, all_tokens) if t.loss_chunk else all_tokens
+  loss = 12 * vocab * chunk / batch_shards + _VOCAB_COPIES * 4 * d * v / size("vocab")
+  return kept + loss
+
+
+def num_moe_layers(cfg) -> int:
+  m = cfg.model
+  return m.num_layers // m.moe_every if m.moe_every else 0
+
+
+def _rule(rules: sharding.Rules, name: str) -> tuple[str, ...]:
+  return dict(rules.table).get(name, ())
 
 
 def _backend() -> str:

@@ -1,0 +1,81 @@
+r"""Compile time of the train step vs depth, scanned and unscanned, measured side by side.
+
+  python -m benchmarks.compile_time [--layers 4 48] [--json OUT]
+
+A narrow model (d_model 64, 4 heads, d_ff 128, 4 experts every other layer, vocabulary 512,
+batch 2 x 64) so that compiling, not tracing big arrays, is what is timed: `jit(step).lower(...)
+.compile()` from abstract shapes (nothing allocated), on one CPU device. With `model.scan_layers`
+the program holds one unit of layers whatever the depth, so the 48-layer compile should cost
+about the 4-layer one; the unscanned program grows with depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+from flax import nnx
+
+from moejax import config_lib, optim, train_step
+from moejax.model import routers
+from moejax.model.transformer import Transformer
+
+
+def narrow_config(layers: int, scan: bool):
+  c = config_lib.default_config()
+  m, moe, t = c.model, c.model.moe, c.train
+  m.num_layers, m.d_model, m.num_heads, m.d_ff, m.vocab_size = layers, 64, 4, 128, 512
+  m.scan_layers = scan
+  moe.num_experts, moe.group_size = 4, 64
+  t.batch_size, t.seq_len = 2, 64
+  return c
+
+
+def compile_seconds(cfg) -> float:
+  """Seconds to lower and compile the train step of `cfg` from abstract shapes."""
+  make = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = jax.eval_shape(
+    lambda: train_step.new_train_state(
+      nnx.to_pure_dict(nnx.state(make(), nnx.Param)), nnx.to_pure_dict(rest), opt, 0
+    )
+  )
+  step = jax.jit(
+    train_step.make_train_step(
+      graphdef,
+      opt,
+      routers.loss_weights(cfg.model.moe),
+      optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
+    )
+  )
+  shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), "int32")
+  start = time.perf_counter()
+  step.lower(state, {"inputs": shape, "targets": shape}).compile()
+  return time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--layers", type=int, nargs=2, default=(4, 48))
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  shallow, deep = args.layers
+  rows = {}
+  for scan in (True, False):
+    for layers in (shallow, deep):
+      rows[(scan, layers)] = compile_seconds(narrow_config(layers, scan))
+  print(f"| layout | {shallow} layers s | {deep} layers s | ratio {deep}/{shallow} |")
+  print("|---|---|---|---|")
+  for scan, name in ((True, "scanned"), (False, "unscanned")):
+    a, b = rows[(scan, shallow)], rows[(scan, deep)]
+    print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({f"{'scan' if s else 'loop'}_{n}": v for (s, n), v in rows.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
