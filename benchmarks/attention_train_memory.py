@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-from flax import nnx
-
-from moejax import config_lib, optim, train_step
-from moejax.model import routers
-from moejax.model.transformer import Transformer
+from benchmarks import compile_time
+from moejax import config_lib
 
 
 def config(length: int, impl: str):
@@ -33,25 +29,7 @@ def config(length: int, impl: str):
 
 
 def temp_bytes(cfg) -> int:
-  make = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, _, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state = jax.eval_shape(
-    lambda: train_step.new_train_state(
-      nnx.to_pure_dict(nnx.state(make(), nnx.Param)), nnx.to_pure_dict(rest), opt, 0
-    )
-  )
-  step = jax.jit(
-    train_step.make_train_step(
-      graphdef,
-      opt,
-      routers.loss_weights(cfg.model.moe),
-      optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
-      loss_chunk=cfg.train.loss_chunk,
-    )
-  )
-  shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), "int32")
-  compiled = step.lower(state, {"inputs": shape, "targets": shape}).compile()
+  compiled = compile_time.lowered_step(cfg).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -33,8 +33,8 @@ def narrow_config(layers: int, scan: bool):
   return c
 
 
-def compile_seconds(cfg) -> float:
-  """Seconds to lower and compile the train step of `cfg` from abstract shapes."""
+def lowered_step(cfg):
+  """The train step of `cfg` lowered from abstract shapes (one device, nothing allocated)."""
   make = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
   opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -49,11 +49,17 @@ def compile_seconds(cfg) -> float:
       opt,
       routers.loss_weights(cfg.model.moe),
       optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
+      loss_chunk=cfg.train.loss_chunk,
     )
   )
   shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), "int32")
+  return step.lower(state, {"inputs": shape, "targets": shape})
+
+
+def compile_seconds(cfg) -> float:
+  """Seconds to lower and compile the train step of `cfg` from abstract shapes."""
   start = time.perf_counter()
-  step.lower(state, {"inputs": shape, "targets": shape}).compile()
+  lowered_step(cfg).compile()
   return time.perf_counter() - start
 
 

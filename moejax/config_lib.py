@@ -59,9 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = config_dict.placeholder(int)  # grouped-query attention; None = num_heads
   m.qk_norm = False  # RMSNorm of q and k over head_dim before RoPE (Qwen3)
   m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
-  # The blocks run under nnx.scan over a repeating unit of moe_every layers (1 if dense): the
-  # compiled program holds one unit whatever num_layers; parameters get a leading layer axis.
-  m.scan_layers = False
+  m.scan_layers = False  # nnx.scan over units of moe_every layers; params get a layer axis
   m.remat = "none"  # per-block activation checkpointing: none, full, minimal, ... (ops/remat)
 
   m.moe = moe = ml_collections.ConfigDict()
@@ -105,9 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.seed = 0
   t.memory_limit_gib = config_dict.placeholder(float)  # None = the device's memory
-  # The loss takes chunks of this many tokens of the global batch (whole positions of every
-  # sequence), never the full float32 [B, L, V] logits; 0, or a batch of at most this many
-  # tokens, computes the full logits at once.
+  # Loss over chunks of this many tokens of the global batch, never the float32 [B, L, V]
+  # logits at once; 0 (or a batch of at most this many tokens) = the full logits.
   t.loss_chunk = 8192
   # Gradient accumulation: the step runs the batch as this many microbatches one after another
   # (activation memory of one microbatch), same result as one batch (moejax/train_step.py).

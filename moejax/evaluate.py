@@ -66,7 +66,7 @@ def evaluate(model: restore.RestoredModel, batches) -> dict:
   mesh, rules = model.mesh, model.rules
   batch_sharding = NamedSharding(mesh, rules.spec(("batch", "length")))
   with jax.set_mesh(mesh):
-    step = jax.jit(train_step.make_eval_step(model.graphdef))
+    step = jax.jit(train_step.make_eval_step(model.graphdef, model.cfg.train.loss_chunk))
     nll, count, sums = 0.0, 0.0, None
     for batch in batches:
       batch = {k: jax.device_put(np.asarray(v, np.int32), batch_sharding) for k, v in batch.items()}

@@ -47,3 +47,29 @@ def switch_base_family(preset: str, recipe: str) -> ml_collections.ConfigDict:
   elif preset:
     raise config_lib.ConfigError(f"{recipe}: unknown preset {preset!r}; known: '' (full), 'tiny'")
   return c
+
+
+def pod_training(c: ml_collections.ConfigDict, preset: str, recipe: str) -> None:
+  """Training settings of the large-model recipes (configs/mixtral_8x7b.py, qwen3_moe_30b_a3b.py),
+  in place, after the recipe has set its model shape.
+
+  Full: bfloat16 compute, float32 parameters and moments, scanned layers with full remat,
+  sequences of 4096 tokens, 64 per batch, FSDP over every device (docs/PERFORMANCE.md, "Dry
+  runs"). `tiny`: float32, no remat, 16 x 128 tokens, 300 steps, data parallel; the recipe then
+  shrinks its model.
+  """
+  m, t = c.model, c.train
+  m.dtype, m.param_dtype = "bfloat16", "float32"
+  m.scan_layers, m.remat = True, "full"
+  t.steps, t.batch_size, t.seq_len = 100_000, 64, 4096
+  t.eval_every, t.checkpoint_every, t.log_every = 2000, 1000, 50
+  c.optim.learning_rate, c.optim.warmup_steps = 3e-4, 2000
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  if preset == "tiny":
+    m.dtype, m.remat = "float32", "none"
+    t.steps, t.batch_size, t.seq_len = 300, 16, 128
+    t.eval_every, t.checkpoint_every, t.log_every = 100, 100, 20
+    c.optim.learning_rate, c.optim.warmup_steps = 2e-3, 50
+    c.mesh.data, c.mesh.fsdp = -1, 1
+  elif preset:
+    raise config_lib.ConfigError(f"{recipe}: unknown preset {preset!r}; known: '' (full), 'tiny'")

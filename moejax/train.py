@@ -56,6 +56,11 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   devices = jax.devices() if devices is None else list(devices)
   config_lib.import_extensions(cfg.extensions)
   mesh_shape = config_lib.validate(cfg, len(devices))
+  if cfg.model.attention_impl == "tpu_splash" and devices[0].platform != "tpu":
+    raise errors.ConfigError(
+      f"model.attention_impl='tpu_splash' needs TPU devices (these are {devices[0].platform}); "
+      "use 'auto' (picks the kernel by platform)"
+    )
   rules = config_lib.rules_from_config(cfg.mesh)
   t = cfg.train
   pipeline.check_source(cfg.data.source, vocab_size=cfg.model.vocab_size)

@@ -80,3 +80,30 @@ def step_losses(cfg, steps: int, *, seed: int = 0, batches=None) -> list[float]:
     state, metrics = step(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), batch))
     losses.append(float(metrics["loss"]))
   return losses
+
+
+def mesh_step_losses(cfg, steps: int, *, seed: int = 0) -> list[float]:
+  """`step_losses` on the config's mesh (8 simulated devices), through `training.build`: the
+  jitted step `moejax.train` runs, with its shardings. Same batches as `step_losses`."""
+  import jax
+  import numpy as np
+
+  from moejax import config_lib, training
+  from moejax import mesh as mesh_lib
+
+  shape = config_lib.validate(cfg, len(jax.devices()))
+  rules = config_lib.rules_from_config(cfg.mesh)
+  mesh = mesh_lib.make_mesh(shape)
+  program = training.build(cfg, mesh, shape, rules)
+  rng = np.random.default_rng(seed)
+  t, vocab = cfg.train, cfg.model.vocab_size
+  losses = []
+  with jax.set_mesh(mesh):
+    state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
+    for _ in range(steps):
+      start = rng.integers(0, vocab, (t.batch_size, 1))
+      tokens = ((start + 3 * np.arange(t.seq_len + 1)) % vocab).astype(np.int32)
+      batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+      state, metrics = program.step_fn(state, jax.device_put(batch, program.batch_sharding))
+      losses.append(float(metrics["loss"]))
+  return losses

@@ -1,15 +1,14 @@
 """Scanned layers and remat policies compute the per-layer model's function (model/blocks.py)."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import config_lib, sharding, training
+from moejax import config_lib, sharding
 from moejax import mesh as mesh_lib
 from moejax.model.transformer import Transformer
 from moejax.ops import remat
-from tests.helpers import step_losses, tiny_config
+from tests.helpers import mesh_step_losses, step_losses, tiny_config
 
 STEPS = 20
 
@@ -95,7 +94,7 @@ def test_stacked_parameters_metrics_and_sharding():
   assert sorted(aux["metrics"]) == sorted(want["metrics"])
   assert "layer_3/dropped_fraction" in aux["metrics"]
   # The layer axis is replicated; the other axes follow the parameter's rules.
-  c.mesh.data, c.mesh.expert = 2, 4
+  c.mesh.data, c.mesh.expert, c.train.batch_size = 2, 4, 8
   shape = config_lib.validate(c, 8)
   rules = config_lib.rules_from_config(c.mesh)
   abstract = nnx.eval_shape(lambda: Transformer(c.model, rngs=nnx.Rngs(0), rules=rules))
@@ -113,19 +112,7 @@ def test_scan_refuses_a_depth_that_is_not_whole_units():
 def test_scan_on_a_mesh_equals_one_device():
   """8 devices ({data 2, expert 4}) with the scanned, rematerialised model: same losses."""
   c = _config(scan_layers=True, remat="full")
-  c.mesh.data, c.mesh.expert = 2, 4
-  shape = config_lib.validate(c, 8)
-  rules = config_lib.rules_from_config(c.mesh)
-  mesh = mesh_lib.make_mesh(shape)
-  program = training.build(c, mesh, shape, rules)
-  rng = np.random.default_rng(0)
-  losses = []
-  with jax.set_mesh(mesh):
-    state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
-    for _ in range(3):
-      tokens = rng.integers(0, c.model.vocab_size, (4, 17)).astype(np.int32)
-      batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-      batch = jax.device_put(batch, program.batch_sharding)
-      state, metrics = program.step_fn(state, batch)
-      losses.append(float(metrics["loss"]))
-  np.testing.assert_allclose(losses, step_losses(_config(), 3), atol=1e-5, rtol=0)
+  c.mesh.data, c.mesh.expert, c.train.batch_size = 2, 4, 8  # one row per device
+  want = _config()
+  want.train.batch_size = 8
+  np.testing.assert_allclose(mesh_step_losses(c, 3), step_losses(want, 3), atol=1e-5, rtol=0)

@@ -13,6 +13,8 @@ heads, k head dim.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -105,9 +107,28 @@ class Attention(nnx.Module):
 
   def _attend(self, q_blhk, k_bmgk, v_bmgk, *, offset):
     dtype = q_blhk.dtype
-    out = attention_ops.attention(
-      q_blhk, k_bmgk, v_bmgk.astype(dtype), impl=self.impl, q_offset=offset, causal=True
+    kernel = functools.partial(
+      attention_ops.attention, impl=self.impl, q_offset=offset, causal=True
     )
+    resolved = attention_ops.resolve_impl(self.impl, length=q_blhk.shape[1], q_offset=offset)
+    if resolved == "tpu_splash" and self.rules is not None:
+      kernel = per_shard(kernel, self.rules)  # the Pallas kernel sees one device's block
+    out = kernel(q_blhk, k_bmgk, v_bmgk.astype(dtype))
     out = checkpoint_name(sharding.constrain(out, _HEADS, self.rules), remat.CONTEXT)
     out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
     return checkpoint_name(out, remat.OUT_PROJ)
+
+
+def per_shard(kernel, rules: sharding.Rules):
+  """`kernel(q, k, v)` run on each device's rows and heads (`jax.shard_map` over the context
+  mesh): for kernels that cannot be partitioned by GSPMD (Pallas). Query heads and key/value
+  heads split over the same devices in contiguous blocks, so each device's query heads read its
+  own key/value heads (validate requires num_kv_heads to divide over them)."""
+  spec = rules.spec(_HEADS)
+  return jax.shard_map(
+    kernel,
+    mesh=sharding.context_mesh(),
+    in_specs=(spec, spec, spec),
+    out_specs=spec,
+    check_vma=False,
+  )
