@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
   moe.group_layout = "sequence"  # or "position": a group = one position of group_size sequences
   moe.eval_dispatch = config_dict.placeholder(str)  # dispatch at evaluation; None = moe.dispatch
+  # dropless with experts split over devices: each device sends at most this many times a
+  # balanced routing's pairs to each expert shard; the overflow is dropped and reported.
+  moe.exchange_factor = 2.0
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
@@ -239,7 +242,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.moe.eval_dispatch={eval_dispatch!r} is not one of: {', '.join(DISPATCHES)} "
       "(or None: the training dispatch)"
     )
-  for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
+  for key in (
+    "model.moe.capacity_factor",
+    "model.moe.eval_capacity_factor",
+    "model.moe.exchange_factor",
+  ):
     if _get(cfg, key) <= 0:
       raise ConfigError(f"{key}={_get(cfg, key)}: must be > 0 (Switch uses 1.25, eval 2.0)")
   if not 0 < cfg.data.val_fraction < 1:
@@ -310,20 +317,45 @@ def _validate_mesh(cfg, num_devices: int) -> dict[str, int]:
       f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
     )
   batch_shards = math.prod(shape[a] for a in rules["batch"])
-  experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
-  groups = t.batch_size * t.seq_len // moe.group_size
-  if moe.dispatch == "all_to_all" and experts_split and groups % batch_shards:
-    raise ConfigError(
-      f"model.moe.dispatch='all_to_all' needs the {groups} routing groups per batch to split "
-      f"evenly over the {batch_shards} devices of the batch axes {rules['batch']} of {shape}; "
-      "use a smaller model.moe.group_size or a bigger train.batch_size"
-    )
   if t.batch_size % batch_shards:
     raise ConfigError(
       f"train.batch_size={t.batch_size} is not divisible by the {batch_shards} devices the batch"
       f" is split over (mesh axes {rules['batch']} of {shape}); use a multiple of {batch_shards}"
     )
+  if cfg.model.moe_every:
+    _validate_groups(cfg, shape, rules)
   return shape
+
+
+def _validate_groups(cfg, shape, rules) -> None:
+  """Routing groups live where they are routed: whole groups per device, and the exchange of
+  the dispatch buffers (`group` -> `expert_group` x `act_expert`) is one all-to-all only when the
+  expert axes are the minor part of the group axes."""
+  moe, t = cfg.model.moe, cfg.train
+  expert = tuple(a for a in rules["act_expert"] if shape[a] > 1)
+  group = tuple(a for a in rules["group"] if shape[a] > 1)
+  outer = tuple(a for a in rules["expert_group"] if shape[a] > 1)
+  if expert and (group[len(group) - len(expert) :] != expert or group[: -len(expert)] != outer):
+    raise ConfigError(
+      f"mesh.rules: group={rules['group']} must be expert_group={rules['expert_group']} followed "
+      f"by act_expert={rules['act_expert']} (the expert axes last) for the expert-parallel "
+      "exchange; fix mesh.rules.group / expert_group / act_expert"
+    )
+  shards = math.prod(shape[a] for a in group)
+  groups = t.batch_size * t.seq_len // moe.group_size
+  if groups % shards:
+    padded = groups + -groups % shards
+    logging.warning(
+      "the %d routing groups per batch (train.batch_size * train.seq_len / model.moe.group_size)"
+      " do not split evenly over the %d devices of the group axes %s: the MoE layers pad them to"
+      " %d (%.0f%% of their work idle); a smaller model.moe.group_size or a bigger"
+      " train.batch_size avoids it",
+      groups,
+      shards,
+      group,
+      padded,
+      100 * (padded - groups) / padded,
+    )
 
 
 def _get(cfg, key: str):

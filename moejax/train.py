@@ -20,7 +20,6 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from moejax import (
@@ -34,6 +33,7 @@ from moejax import (
   optim,
   paths,
   sharding,
+  step_spec,
   train_step,
 )
 from moejax import mesh as mesh_lib
@@ -66,7 +66,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   is_writer = jax.process_index() == 0
 
   # ---------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn)
+  mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn, batch_axes=rules["batch"])
   say = print if is_writer else (lambda *a, **k: None)
   say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
@@ -86,7 +86,9 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     )
 
   abs_state = jax.eval_shape(init_state)
-  state_shardings = _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh)
+  state_shardings = step_spec.state_shardings(
+    abs_state, param_shardings, rest_shardings, optimizer, mesh
+  )
   abs_state = checkpoint.abstract_like(abs_state, state_shardings)
   num_params = sum(x.size for x in jax.tree.leaves(abs_state["params"]))
 
@@ -224,27 +226,6 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
     "mesh": mesh,
     "stopped_by": stop.received,
     "last_step": int(jax.device_get(state["step"])),
-  }
-
-
-def _state_shardings(abs_state, param_shardings, rest_shardings, optimizer, mesh):
-  """Shardings of the whole train state: optimizer moments follow their parameters."""
-  import optax
-
-  replicated = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(
-    optimizer,
-    lambda _, s: s,
-    abs_state["opt_state"],
-    param_shardings,
-    transform_non_params=lambda _: replicated,
-  )
-  return {
-    "step": replicated,
-    "params": param_shardings,
-    "model_state": rest_shardings,
-    "opt_state": opt,
-    "rng": replicated,
   }
 
 

@@ -37,6 +37,7 @@ LAYERS = [
   ("moejax.decode", 2),
   ("moejax.cli", 2),
   ("moejax.restore", 3),
+  ("moejax.step_spec", 3),
   ("moejax.recipes", 3),
   ("moejax.upcycle", 3),
   ("moejax.train", 4),

@@ -68,7 +68,7 @@ def route_autonomy(c_sem: jax.Array, *, top_k: int, normalize: bool = False) -> 
   norm_se = jnp.sqrt(jnp.sum(jnp.square(c_sem), axis=-1) + _NORM_EPS)
   probs_se = jax.nn.softmax(norm_se, axis=-1)
   # Shape: [S, K], choices sorted by decreasing probability.
-  gate_sk, expert_sk = jax.lax.top_k(probs_se, top_k)
+  gate_sk, expert_sk = base.top_k(probs_se, top_k)
   if normalize:
     gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
 

@@ -40,6 +40,7 @@ from moejax.ops import routing as routing_lib
 from moejax.ops.routing import SoftRouting, SparseRouting  # noqa: F401 - re-exported for routers
 
 average_over_groups = routing_lib.average_over_groups
+top_k = routing_lib.top_k  # partitionable top-k for routers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class MoESettings:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   eval_dispatch: str | None = None  # the dispatch at evaluation; None = `dispatch`
+  exchange_factor: float = 2.0  # expert-parallel dropless: per-destination send bound
 
   def dispatch_for(self, train: bool) -> str:
     return self.dispatch if train or self.eval_dispatch is None else self.eval_dispatch

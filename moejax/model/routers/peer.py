@@ -40,6 +40,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.ops import routing
+
 BN_MOMENTUM = 0.99
 BN_EPS = 1e-5
 
@@ -72,14 +74,14 @@ def product_key_topk(
     "thj,hrj->thr", q_thj, keys_hrj.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
   )
   # Shape: [T, H, K] per half: the best K rows of each sub-key table.
-  first_thk, first_idx = jax.lax.top_k(half_score(query_thq[..., :half], first_keys_hrj), top_k)
-  second_thk, second_idx = jax.lax.top_k(half_score(query_thq[..., half:], second_keys_hrj), top_k)
+  first_thk, first_idx = routing.top_k(half_score(query_thq[..., :half], first_keys_hrj), top_k)
+  second_thk, second_idx = routing.top_k(half_score(query_thq[..., half:], second_keys_hrj), top_k)
   # Shape: [T, H, K*K] candidate sums and their expert indices.
   num_tokens = query_thq.shape[0]
   cand_shape = (num_tokens, num_heads, top_k * top_k)
   cand_scores = (first_thk[..., :, None] + second_thk[..., None, :]).reshape(cand_shape)
   cand_index = (first_idx[..., :, None] * num_rows + second_idx[..., None, :]).reshape(cand_shape)
-  scores_thk, pos_thk = jax.lax.top_k(cand_scores, top_k)
+  scores_thk, pos_thk = routing.top_k(cand_scores, top_k)
   index_thk = jnp.take_along_axis(cand_index, pos_thk, axis=-1)
   return scores_thk, index_thk.astype(jnp.int32)
 

@@ -97,7 +97,7 @@ def route_relu(logits_se: jax.Array, *, max_experts: int, top_k: int) -> base.Sp
     raise ValueError(f"need 1 <= {max_experts=} <= {num_experts=}")
   gates_se = jax.nn.relu(logits_se.astype(jnp.float32))
   # Shape: [S, K], the largest gates first.
-  gate_sk, expert_sk = jax.lax.top_k(gates_se, max_experts)
+  gate_sk, expert_sk = base.top_k(gates_se, max_experts)
 
   active_se = (gates_se > 0).astype(jnp.float32)
   count_e = jnp.sum(active_se, axis=0)

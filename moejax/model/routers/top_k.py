@@ -48,7 +48,7 @@ def route_top_k(
   logits_se = logits_se.astype(jnp.float32)
   probs_se = jax.nn.softmax(logits_se, axis=-1)
   # Shape: [S, K], choices sorted by decreasing probability.
-  gate_sk, expert_sk = jax.lax.top_k(probs_se, top_k)
+  gate_sk, expert_sk = base.top_k(probs_se, top_k)
   if normalize_weights:
     gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
 

@@ -73,7 +73,7 @@ def route_top_p(
   log_probs_se = jax.nn.log_softmax(logits_se, axis=-1)
   probs_se = jnp.exp(log_probs_se)
   # Shape: [S, K], candidates sorted by decreasing probability.
-  prob_sk, expert_sk = jax.lax.top_k(probs_se, max_experts)
+  prob_sk, expert_sk = base.top_k(probs_se, max_experts)
   # Exclusive prefix sum: the mass of the more likely candidates.
   before_sk = jnp.cumsum(prob_sk, axis=-1) - prob_sk
   keep_sk = before_sk <= threshold
