@@ -8,10 +8,12 @@ Prints markdown, one section at a time with its wall time:
 2. `jax.lax.ragged_dot` vs a dense matmul of the same rows ([M, K] x [K, N], M split into G
    equal groups): a grouped-matmul kernel costs about one dense matmul (ratio near 1), a masked
    dense lowering over all groups costs about G of them (ratio near G);
-3. the MoE layer / dense FFN time of every dispatch at E 8/64/128, k 1/2
-   (benchmarks/moe_layer.py; `dropless:ragged_dot` at every E on an accelerator);
-4. the train step of the `1b` size (benchmarks/train_step.py) in bfloat16 with the `capacity` and
-   `dropless` dispatches and its dense twin: tokens/s, time / dense and MFU.
+3. the train step of the `1b` size (benchmarks/train_step.py) in bfloat16 with the `capacity` and
+   `dropless` dispatches and its dense twin: tokens/s, time / dense and MFU;
+4. the MoE layer / dense FFN time of every dispatch at E 8/64/128, k 1/2
+   (benchmarks/moe_layer.py; `dropless:ragged_dot` at every E on an accelerator).
+Rows are printed as they are measured (the MoE layer rows on stderr until its table is whole),
+so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -146,23 +148,26 @@ def ragged_dot_vs_dense(rows, k, n, groups, dtype, repeats):
   return out
 
 
-def train_rows(resize, repeats):
-  """Rows of the train-step table: the dense twin once, then each dispatch."""
+def train_table(resize, repeats):
+  """Prints the train-step table row by row (a compile each): the dense twin, then each dispatch."""
   cfg = resize(train_bench.load_config(str(ROOT / "configs/switch_base.py") + ":tiny"))
   cfg.model.dtype = "bfloat16"
-  tokens = cfg.train.batch_size * cfg.train.seq_len
+  m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
+  print(f"{m.num_layers} layers, d_model {m.d_model}, {m.moe.num_experts} experts top-"
+        f"{m.moe.top_k} of width {m.moe.d_expert}, {mfu.active_matmul_params(cfg) / 1e6:.1f}M "
+        f"active matmul parameters, {tokens} tokens per step, median of {repeats}\n")  # fmt: skip
+  print("| model | tok/s | time / dense | MFU |\n|---|---|---|---|", flush=True)
   device = jax.devices()[0].device_kind
+  pct = lambda x: "n/a (peak unknown)" if x is None else f"{100 * x:.1f}%"
   dense = train_bench.dense_equivalent(cfg)
   dense_s = train_bench.seconds_per_step(dense, repeats)
-  pct = lambda x: "n/a (peak unknown)" if x is None else f"{100 * x:.1f}%"
-  rows = [("dense twin", tokens / dense_s, 1.0, pct(mfu.mfu(dense, tokens / dense_s, device)))]
+  print(f"| dense twin | {tokens / dense_s:.0f} | 1.00 | "
+        f"{pct(mfu.mfu(dense, tokens / dense_s, device))} |", flush=True)  # fmt: skip
   for dispatch in DISPATCHES:
     cfg.model.moe.dispatch = dispatch
     moe_s = train_bench.seconds_per_step(cfg, repeats)
-    util = pct(mfu.mfu(cfg, tokens / moe_s, device))
-    rows.append((dispatch, tokens / moe_s, moe_s / dense_s, util))
-  params = mfu.active_matmul_params(cfg)
-  return cfg, tokens, params, rows
+    print(f"| {dispatch} | {tokens / moe_s:.0f} | {moe_s / dense_s:.2f} | "
+          f"{pct(mfu.mfu(cfg, tokens / moe_s, device))} |", flush=True)  # fmt: skip
 
 
 def main(argv=None):
@@ -186,6 +191,9 @@ def main(argv=None):
     for g, ragged_ms, dense_ms, ratio, verdict in ragged_dot_vs_dense(**r):
       print(f"| {g} | {ragged_ms:.3f} | {dense_ms:.3f} | {ratio:.2f} | {verdict} |", flush=True)
 
+  with section("Train step, bfloat16 (benchmarks/train_step.py)"):
+    train_table(sizes.resize, sizes.train_repeats)
+
   with section("MoE layer / dense FFN, every dispatch (benchmarks/moe_layer.py)"):
     layer_args = argparse.Namespace(dispatches=None, **sizes.moe_layer)
     print(f"T {layer_args.tokens}, D {layer_args.d_model}, d_ff {layer_args.d_ff}, float32, "
@@ -196,16 +204,6 @@ def main(argv=None):
     print(moe_layer.HEADER)
     for row in layer_rows:
       print(moe_layer.format_row(row))
-
-  with section("Train step, bfloat16 (benchmarks/train_step.py)"):
-    cfg, tokens, params, rows = train_rows(sizes.resize, sizes.train_repeats)
-    m = cfg.model
-    print(f"{m.num_layers} layers, d_model {m.d_model}, {m.moe.num_experts} experts top-"
-          f"{m.moe.top_k} of width {m.moe.d_expert}, {params / 1e6:.1f}M active matmul "
-          f"parameters, {tokens} tokens per step, median of {sizes.train_repeats}\n")  # fmt: skip
-    print("| model | tok/s | time / dense | MFU |\n|---|---|---|---|")
-    for name, tok_s, ratio, util in rows:
-      print(f"| {name} | {tok_s:.0f} | {ratio:.2f} | {util} |")
 
   print(f"\ngpu_check done in {time.perf_counter() - start:.0f} s")
 
