@@ -109,7 +109,7 @@ class MoELayer(nnx.Module):
       y_gsd, dispatch_metrics = DISPATCHES[self.settings.dispatch_for(train)](
         x_gsd,
         routing,
-        self.experts,
+        self.router.dispatch_experts(self.experts),
         num_experts=num_experts,
         capacity=self.capacity(x_gsd.shape[1], train=train),
         rules=self.rules,

@@ -12,6 +12,9 @@ needs to know about a family is declared on its class:
 - `causal_in_sequence(options, moe)`: whether a token's output is independent of later tokens of
   its routing group with the 'sequence' layout (validation refuses a non-causal decoder).
 - `READS_EXPERT_WEIGHTS`: the layer passes `experts=` (its ExpertBank) to `__call__`.
+- `dispatch_experts(experts)`: what the dispatch runs on the buffers, the layer's ExpertBank by
+  default; a family whose experts are not plain FFNs over the bank (Autonomy's low-rank gate)
+  returns an object with the bank's `__call__(buf)` and `weights()`.
 - `READS_TOKENS`: the layer passes `token_ids=` and `sequence_ids=` (int32 [G, S]: each token's
   input id and its row in the global batch) to `__call__` (hash routing, per-sequence draws).
 - `COMPUTES_OUTPUT`: the family computes the layer's output itself (`compute`: merged experts,
@@ -54,6 +57,9 @@ class MoESettings:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   eval_dispatch: str | None = None  # the dispatch at evaluation; None = `dispatch`
+  # model.moe.d_expert as configured: the expert bank's hidden width; None = model.d_ff, which
+  # routers do not see (a family that needs the width, such as PEER's single neurons, asks for it).
+  d_expert: int | None = None
 
   def dispatch_for(self, train: bool) -> str:
     return self.dispatch if train or self.eval_dispatch is None else self.eval_dispatch
@@ -120,6 +126,10 @@ class Router(nnx.Module):
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
     """Slots per expert per group for the capacity dispatches."""
     raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
+
+  def dispatch_experts(self, experts):
+    """The experts the dispatch runs (`__call__(buf [G, E, C, D])` and `weights()`)."""
+    return experts
 
   def compute(self, x_gsd, routing, experts, *, train: bool):
     """(y [G, S, D], metrics) of a family with COMPUTES_OUTPUT (its own expert computation)."""

@@ -82,6 +82,7 @@ def settings(moe_cfg) -> base.MoESettings:
     capacity_factor=moe_cfg.capacity_factor,
     eval_capacity_factor=moe_cfg.eval_capacity_factor,
     eval_dispatch=moe_cfg.eval_dispatch,
+    d_expert=moe_cfg.d_expert,
   )
 
 
