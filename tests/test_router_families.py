@@ -106,8 +106,8 @@ def test_missing_or_bad_counts_file(tmp_path):
 
 
 def _train(cfg, steps: int):
-  """`steps` jitted train steps on one fixed batch; (losses, metrics of the last, first and last
-  model_state)."""
+  """`steps` jitted train steps on one fixed batch; (losses, every step's metrics, the first and
+  last model_state)."""
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
@@ -125,11 +125,12 @@ def _train(cfg, steps: int):
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   tokens = jax.random.randint(key, (shape[0], shape[1] + 1), 0, cfg.model.vocab_size)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  first_state, losses = state["model_state"], []
+  first_state, losses, history = state["model_state"], [], []
   for _ in range(steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics["cross_entropy"]))
-  return losses, metrics, first_state, state["model_state"]
+    history.append(jax.device_get(metrics))
+  return losses, history, first_state, state["model_state"]
 
 
 def _router_state(model_state, name):
@@ -144,19 +145,21 @@ def test_each_family_trains_through_the_model(name, tmp_path):
     cfg.model.moe.hash.table = "balanced"
     cfg.model.moe.hash.token_counts = write_counts(tmp_path / "c.npy", cfg.model.vocab_size)
   config_lib.validate(cfg, 1)
-  losses, metrics, first, last = _train(cfg, 6)
+  losses, history, first, last = _train(cfg, 6)
+  metrics = history[-1]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
   cls = routers.get(name)
   for loss in cls.AUX_LOSSES:
     assert np.isfinite(float(metrics[loss])) and f"layer_1/{loss}" in metrics
   if name == "random":  # two passes: the cross-entropy is their sum, plus the consistency term
     assert float(metrics["consistency_loss"]) > 0
-  if name == "relu":  # lambda moved by the multiplier once per step, starting at 1e-8
-    ratio = float(_router_state(last, "l1_coef")) / float(_router_state(first, "l1_coef"))
-    assert np.isclose(np.log(ratio) / np.log(1.2) % 1, 0, atol=1e-4) or np.isclose(
-      np.log(ratio) / np.log(1.2) % 1, 1, atol=1e-4
-    )
-    assert ratio != 1.0
+  if name == "relu":  # lambda: x1.2 after a step denser than 1 - k/E = 0.75, else /1.2
+    assert float(_router_state(first, "l1_coef")) == np.float32(1e-8)
+    coefs = [float(m["layer_1/l1_coef"]) for m in history] + [float(_router_state(last, "l1_coef"))]
+    for t, m in enumerate(history):
+      factor = 1.2 if float(m["layer_1/sparsity"]) < 0.75 else 1 / 1.2
+      np.testing.assert_allclose(coefs[t + 1], coefs[t] * factor, rtol=1e-6)
+      assert float(m["layer_1/target_sparsity"]) == 0.75
   if name == "peer":  # query batch norm's running statistics moved
     assert not np.allclose(_router_state(last, "running_mean"), 0.0)
   if name == "hash":  # the table is state, never changed by training
@@ -179,3 +182,52 @@ def test_moe_layer_passes_token_and_sequence_ids():
     expected = hash_layers.hash_experts(layer.to_groups(tokens), 4)
     np.testing.assert_array_equal(routing.expert_index, expected)
     assert layer.to_groups(rows).shape == routing.expert_index.shape
+
+
+def _ffn(bank, e, x):
+  """Expert e of an ExpertBank (GELU, no gate) on one token, float64."""
+  w_in, w_out = (np.asarray(bank.weights()[k][e], np.float64) for k in ("w_in", "w_out"))
+  return np.asarray(jax.nn.gelu(jnp.asarray(np.asarray(x, np.float64) @ w_in)), np.float64) @ w_out
+
+
+def _kept_top_p(logits, threshold, max_experts):
+  """Experts by decreasing p while the mass before them is <= P; gates = p."""
+  p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+  kept, mass = [], 0.0
+  for e in sorted(range(len(p)), key=lambda e: -p[e])[:max_experts]:
+    if mass > threshold:
+      break
+    kept.append((e, p[e]))
+    mass += p[e]
+  return kept
+
+
+def _kept_relu(logits, max_experts):
+  """The positive ReLU gates, largest first, at most k_max."""
+  positive = sorted((e for e in range(len(logits)) if logits[e] > 0), key=lambda e: -logits[e])
+  return [(e, logits[e]) for e in positive[:max_experts]]
+
+
+@pytest.mark.parametrize("name", ["top_p", "relu"])
+def test_dynamic_token_choice_layers_equal_a_per_token_loop(name):
+  """top_p and relu through the MoE layer (dropless): y = sum over each token's kept experts of
+  gate * expert(x), the kept set found per token by plain python."""
+  cfg = family_config(name)
+  cfg.model.moe[name].init_std = 0.3
+  if name == "top_p":
+    cfg.model.moe.top_p.max_experts = 3
+  layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+  x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+  y, _, metrics = layer(x, train=False, rng=None)
+  x_td = np.asarray(x, np.float64).reshape(-1, 64)
+  logits = x_td @ np.asarray(layer.router.kernel[...], np.float64)
+  expected, counts = np.zeros_like(x_td), []
+  for t, row in enumerate(logits):
+    kept = _kept_top_p(row, 0.4, 3) if name == "top_p" else _kept_relu(row, 4)
+    counts.append(len(kept))
+    for e, gate in kept:
+      expected[t] += gate * _ffn(layer.experts, e, x_td[t])
+  assert len(set(counts)) > 1  # a dynamic number of experts per token
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 64), expected, atol=1e-4, rtol=1e-4)
+  key = "experts_per_token" if name == "top_p" else "active_experts_per_token"
+  np.testing.assert_allclose(metrics[key], np.mean(counts), rtol=1e-5)
