@@ -6,7 +6,10 @@ r"""Trains every router on the same data and budget and prints one comparison ta
 Each router runs its own recipe's `tiny` preset (configs/<recipe>.py:tiny: the Switch tiny sizes
 with that router's settings) for the same number of steps, batch and sequence length, on the
 embedded corpus, once per seed (train.seed = 0, 1, ...: initialisation, router draws and data
-order). `hash_balanced` is the hash recipe with the balanced table, its token counts written
+order); seeds are the outer loop, so an interrupted benchmark has one seed of every router first,
+`--report-only` prints the table of the finished runs and names the missing ones, and rerunning
+the same command continues (finished runs resume at their last step and train nothing more).
+`hash_balanced` is the hash recipe with the balanced table, its token counts written
 first from that run's tokenizer and training split (moejax/token_counts.py).
 
 Columns: validation loss at the last step, mean over seeds and each seed's value; the rank (1 +
@@ -95,6 +98,13 @@ def has_capacity_drops(cfg) -> bool:
   cls = routers.get(moe.router)
   no_dispatch = cls.COMPUTES_OUTPUT or moe.router in ("soft_moe", "expert_choice")
   return not no_dispatch and (moe.eval_dispatch or moe.dispatch) != "dropless"
+
+
+def finished(workdir: str, steps: int) -> bool:
+  """Whether the run in `workdir` logged its evaluation at step `steps`."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return False
+  return any(x.get("step") == steps and "eval_loss" in x for x in metrics_lib.read_metrics(workdir))
 
 
 def summarise(workdir: str, passes: int) -> dict:
@@ -188,25 +198,30 @@ def main():
   parser.add_argument(
     "--report-only",
     action="store_true",
-    help="summarise the finished runs in --workdir, train nothing",
+    help="summarise the finished runs in --workdir (a partial table if some are missing)",
   )
   parser.add_argument("--no_plots", action="store_true", help="skip the charts")
   args = parser.parse_args()
   root = args.workdir or tempfile.mkdtemp(prefix="moejax_routers_")
-  rows, configs, workdirs = [], {}, []
-  for name in args.routers.split(","):
-    seed_rows = []
-    for seed in range(args.seeds):
+  names = args.routers.split(",")
+  seed_rows, configs, workdirs, missing = {name: [] for name in names}, {}, [], []
+  # Seeds outermost: an interrupted run has one seed of every router before any second seed.
+  for seed in range(args.seeds):
+    for name in names:
       cfg = load_config(RECIPES[name])
       cfg.train.steps, cfg.train.seed = args.steps, seed
-      cfg.train.eval_every = cfg.train.checkpoint_every = args.steps
+      cfg.train.eval_every = args.steps
+      cfg.train.checkpoint_every = max(1, args.steps // 3)  # an interrupted run loses <= 1/3
       cfg.train.log_every = max(1, args.steps // 10)
       workdir = os.path.join(root, f"{name}_seed{seed}")  # plots name runs by folder
+      if args.report_only and not finished(workdir, args.steps):
+        missing.append(f"{name} seed {seed}")
+        continue
       prepare(name, cfg, workdir)
-      configs.setdefault(name, cfg)
-      workdirs.append(workdir)
       if not args.report_only:
         train.run(cfg, workdir, progress=False)
+      configs.setdefault(name, cfg)
+      workdirs.append(workdir)
       passes, _ = routers.consistency(cfg.model.moe)
       row = {"router": name, "recipe": RECIPES[name], "seed": seed}
       row.update(summarise(workdir, passes))
@@ -214,10 +229,11 @@ def main():
         evaluate_run(workdir, dropless=True)[0] if has_capacity_drops(cfg) else None
       )
       row["eval_dropped"] = evaluate_run(workdir, dropless=False)[1]
-      seed_rows.append(row)
+      seed_rows[name].append(row)
       print(f"{name} seed {seed}: {row}", flush=True)
-    rows.append(aggregate(name, seed_rows))
-    rows[-1]["tokens_per_second"] = rows[-1]["tokens_per_second_in_run"]
+  rows = [aggregate(name, seed_rows[name]) for name in names if seed_rows[name]]
+  for r in rows:
+    r["tokens_per_second"] = r["tokens_per_second_in_run"]
   if args.speed_rounds:
     speeds = interleaved_tokens_per_second(configs, args.speed_rounds, steps_per_round=2)
     for r in rows:
@@ -225,6 +241,8 @@ def main():
   rank(rows)
   print()
   print_table(rows)
+  if missing:
+    print(f"\nPARTIAL: not finished (rerun the same command without --report-only): {missing}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
