@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import errors
 from moejax.ops import capacity as capacity_lib
 from moejax.ops import routing as routing_lib
 from moejax.ops.routing import SoftRouting, SparseRouting  # noqa: F401 - re-exported for routers
@@ -156,6 +157,24 @@ class TokenChoiceRouter(Router):
     return capacity_lib.token_choice_capacity(
       num_tokens, self.num_experts, self.top_k, capacity_factor
     )
+
+
+class DynamicTokenChoiceRouter(TokenChoiceRouter):
+  """Base of the token-choice families with 1..`options.max_experts` experts per token (top_p,
+  relu): max_experts <= E, capacity sized for model.moe.top_k, and causal in a sequence with
+  max_experts = 1 or the dropless dispatch (as top-k with k > 1 otherwise)."""
+
+  @classmethod
+  def check(cls, options, moe: MoESettings) -> None:
+    if options.max_experts > moe.num_experts:
+      raise errors.ConfigError(
+        f"model.moe.{cls.NAME}.max_experts={options.max_experts} > model.moe.num_experts="
+        f"{moe.num_experts}; use at most {moe.num_experts}"
+      )
+
+  @classmethod
+  def causal_in_sequence(cls, options, moe: MoESettings) -> bool:
+    return options.max_experts == 1 or moe.dispatch == "dropless"
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:

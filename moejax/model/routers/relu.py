@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import errors
 from moejax.model.routers import base, registry
 
 L1_COEF_INIT = 1e-8  # lambda_0, the code's `moe_relu_l1_reg_coeff_init`
@@ -160,7 +159,7 @@ class ReLUOptions:
 
 
 @registry.register("relu", aliases=("remoe",))
-class ReLURouter(base.TokenChoiceRouter):
+class ReLURouter(base.DynamicTokenChoiceRouter):
   """ReLU gates over G groups with the adaptive, load-balanced L1 penalty (ReMoE).
 
   Causal in the 'sequence' layout with the dropless dispatch or max_experts = 1; the lambda
@@ -169,18 +168,6 @@ class ReLURouter(base.TokenChoiceRouter):
 
   Options = ReLUOptions
   AUX_LOSSES = ("relu_l1_loss",)
-
-  @classmethod
-  def check(cls, options: ReLUOptions, moe: base.MoESettings) -> None:
-    if options.max_experts > moe.num_experts:
-      raise errors.ConfigError(
-        f"model.moe.relu.max_experts={options.max_experts} > model.moe.num_experts="
-        f"{moe.num_experts}; use at most {moe.num_experts}"
-      )
-
-  @classmethod
-  def causal_in_sequence(cls, options: ReLUOptions, moe: base.MoESettings) -> bool:
-    return options.max_experts == 1 or moe.dispatch == "dropless"
 
   def __init__(self, *, d_model: int, moe: base.MoESettings, options: ReLUOptions, rngs: nnx.Rngs):
     """Builds the router: a float32 [D, E] kernel and lambda = l1_coef_init."""

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import errors
 from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
@@ -134,7 +133,7 @@ class TopPOptions:
 
 
 @registry.register("top_p")
-class TopPRouter(base.TokenChoiceRouter):
+class TopPRouter(base.DynamicTokenChoiceRouter):
   """Linear router + dynamic top-p over G groups (1..max_experts experts per token).
 
   Causal in the 'sequence' layout with the dropless dispatch or max_experts = 1 (with capacity,
@@ -143,18 +142,6 @@ class TopPRouter(base.TokenChoiceRouter):
 
   Options = TopPOptions
   AUX_LOSSES = ("dynamic_loss", "load_balance_loss")
-
-  @classmethod
-  def check(cls, options: TopPOptions, moe: base.MoESettings) -> None:
-    if options.max_experts > moe.num_experts:
-      raise errors.ConfigError(
-        f"model.moe.top_p.max_experts={options.max_experts} > model.moe.num_experts="
-        f"{moe.num_experts}; use at most {moe.num_experts}"
-      )
-
-  @classmethod
-  def causal_in_sequence(cls, options: TopPOptions, moe: base.MoESettings) -> bool:
-    return options.max_experts == 1 or moe.dispatch == "dropless"
 
   def __init__(self, *, d_model: int, moe: base.MoESettings, options: TopPOptions, rngs: nnx.Rngs):
     """Builds the router: a float32 [D, E] kernel (`rngs.params`) and the options."""
