@@ -87,7 +87,11 @@ def compiled_step(cfg):
   )
   schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
   weights = routers.loss_weights(cfg.model.moe)
-  step = jax.jit(train_step.make_train_step(graphdef, opt, weights, schedule), donate_argnums=0)
+  consistency = routers.consistency(cfg.model.moe)  # THOR: two passes per step
+  step = jax.jit(
+    train_step.make_train_step(graphdef, opt, weights, schedule, consistency=consistency),
+    donate_argnums=0,
+  )
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   key = jax.random.key(0)
   batch = {

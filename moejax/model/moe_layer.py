@@ -152,7 +152,7 @@ class MoELayer(nnx.Module):
       y_gsd, metrics = DISPATCHES[dispatch](
         x_gsd,
         routing,
-        self.experts,
+        self.router.dispatch_experts(self.experts),
         num_experts=num_experts,
         capacity=self.capacity(x_gsd.shape[1], train=train),
         rules=self.rules,
