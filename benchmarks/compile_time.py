@@ -16,11 +16,8 @@ import json
 import time
 
 import jax
-from flax import nnx
 
-from moejax import config_lib, optim, train_step
-from moejax.model import routers
-from moejax.model.transformer import Transformer
+from moejax import config_lib, training
 
 
 def narrow_config(layers: int, scan: bool):
@@ -35,25 +32,7 @@ def narrow_config(layers: int, scan: bool):
 
 def lowered_step(cfg):
   """The train step of `cfg` lowered from abstract shapes (one device, nothing allocated)."""
-  make = lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state = jax.eval_shape(
-    lambda: train_step.new_train_state(
-      nnx.to_pure_dict(nnx.state(make(), nnx.Param)), nnx.to_pure_dict(rest), opt, 0
-    )
-  )
-  step = jax.jit(
-    train_step.make_train_step(
-      graphdef,
-      opt,
-      routers.loss_weights(cfg.model.moe),
-      optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
-      loss_chunk=cfg.train.loss_chunk,
-    )
-  )
-  shape = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), "int32")
-  return step.lower(state, {"inputs": shape, "targets": shape})
+  return training.program_for(cfg, jax.devices()[:1]).lower()
 
 
 def compile_seconds(cfg) -> float:

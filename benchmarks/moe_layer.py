@@ -34,7 +34,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -62,12 +61,13 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks import hlo_collectives
 from moejax import sharding
 from moejax.model import moe_layer
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import top_k
 from moejax.ops import capacity as capacity_ops
-from moejax.ops import dropless
+from moejax.ops import dropless, dropless_dispatch
 
 CAPACITY_FACTOR = 1.25
 GROUP_SIZE = 512  # 8 groups at the quick size: one per device of the mesh
@@ -103,7 +103,7 @@ def dispatch_fn(graphdef, dispatch, num_experts, capacity, grouped_matmul=None, 
   """(x [G, S, D], routing, expert state) -> y [G, S, D] through one dispatch."""
   fn = moe_layer.DISPATCHES[dispatch]
   if dispatch == "dropless":
-    fn = functools.partial(dropless.dropless_moe, grouped_matmul=grouped_matmul)
+    fn = functools.partial(dropless_dispatch.dropless_moe, grouped_matmul=grouped_matmul)
 
   def apply(x_gsd, routing, bank_state):
     bank = nnx.merge(graphdef, bank_state)
@@ -156,64 +156,6 @@ def compiled_stats(fn, args):
   return flops, compiled.memory_analysis().peak_memory_in_bytes, compiled
 
 
-_COLLECTIVE = re.compile(
-  r"=\s*(\(?[^=]*?\)?)\s+(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
-  r"(?:-start)?\((.*)$"
-)
-_SHAPE = re.compile(r"(f32|bf16|f16|s32|u32|pred|s8|u8)\[([\d,]*)\]")
-_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
-
-
-def _shape_bytes(text):
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-  return total
-
-
-def _group_size(attrs, num_devices):
-  """Devices per replica group, from any of XLA's three spellings of replica_groups."""
-  m = re.search(r"replica_groups=\{\{([\d,]+)\}", attrs)
-  if m:  # explicit: {{0,1,2,3},{4,5,6,7}}
-    return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
-  if m:  # iota: [groups, size]<=[devices]
-    return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
-  if m:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: the product of the listed axes
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
-  return num_devices
-
-
-def collective_bytes(hlo_text: str, num_devices: int) -> float:
-  """Bytes that leave devices, summed over devices, for the collectives of an HLO module.
-
-  Per device and op, with X devices in its replica group and B the op's per-device result
-  bytes: all-to-all and all-gather send B (X-1)/X, reduce-scatter B (X-1), all-reduce (ring)
-  2 B (X-1)/X, collective-permute B.
-  """
-  total = 0.0
-  for line in hlo_text.splitlines():
-    m = _COLLECTIVE.search(line)
-    if not m or "-done" in line:
-      continue
-    result, op, attrs = m.groups()
-    size = _shape_bytes(result)
-    x = _group_size(attrs, num_devices)
-    if x <= 1:
-      continue
-    per_device = {
-      "all-to-all": size * (x - 1) / x,
-      "all-gather": size * (x - 1) / x,
-      "reduce-scatter": size * (x - 1),
-      "all-reduce": 2 * size * (x - 1) / x,
-      "collective-permute": size,
-    }[op]
-    total += per_device * num_devices
-  return total
-
-
 def mesh_collectives(dispatch_fn, x_gsd, routing, bank_state):
   """Collective bytes of one dispatch (forward) on the {data: 2, expert: 4} mesh.
 
@@ -237,7 +179,7 @@ def mesh_collectives(dispatch_fn, x_gsd, routing, bank_state):
   with jax.set_mesh(mesh):
     compiled = jax.jit(dispatch_fn, in_shardings=shardings).lower(x_gsd, routing, bank_state)
     compiled = compiled.compile()
-  return collective_bytes(compiled.as_text(), len(devices))
+  return hlo_collectives.collective_bytes(compiled.as_text(), len(devices))
 
 
 def dropless_rows_ratio(routing, num_experts):

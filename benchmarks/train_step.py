@@ -87,12 +87,14 @@ def compiled_step(cfg):
   )
   schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
   weights = routers.loss_weights(cfg.model.moe)
+  consistency = routers.consistency(cfg.model.moe)  # THOR: two passes per step
   step = jax.jit(
     train_step.make_train_step(
       graphdef,
       opt,
       weights,
       schedule,
+      consistency=consistency,
       loss_chunk=cfg.train.loss_chunk,
       microbatches=cfg.train.microbatches,
     ),

@@ -26,6 +26,8 @@ Crash safety (what Orbax gives, and what is added here):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -124,12 +126,13 @@ class Checkpointer:
 
     The target shardings may belong to a different mesh than the one that saved.
     """
-    out = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-      ),
-    )
+    with _reads_finish_before_loop_closes():
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+      )
     return out["state"], out["data"]
 
   def restore_latest(self, abstract_state, say=print):
@@ -235,6 +238,38 @@ class Checkpointer:
 
       multihost_utils.sync_global_devices(f"moejax_move_aside_{step}")
     self.manager.reload()
+
+
+class _FinishingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop whose `close` first lets its pending tasks finish.
+
+  Orbax runs a restore in a fresh loop and closes it as soon as the gather of the array reads
+  raises. The other reads of that gather are still pending then; when their TensorStore reads
+  complete, or the garbage collector closes them, they call into the closed loop ("Event loop
+  is closed", unraisable exceptions), and until then they hold their buffers.
+  """
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _FinishingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _FinishingEventLoop
+
+
+@contextlib.contextmanager
+def _reads_finish_before_loop_closes():
+  """Event loops made inside (Orbax makes one per restore) finish their tasks before closing."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_FinishingLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def abstract_like(state, shardings):

@@ -20,12 +20,15 @@ import ml_collections
 from absl import logging
 from ml_collections import config_dict
 
-from moejax import errors, faults, sharding
+from moejax import config_mesh, errors, faults, sharding
 from moejax.model import routers
 from moejax.ops import attention as attention_ops
 from moejax.ops import remat as remat_ops
 
 ConfigError = errors.ConfigError  # the error every check below raises
+# The mesh section's helpers live in config_mesh; these names are the public ones.
+rules_from_config = config_mesh.rules_from_config
+resolve_mesh_shape = config_mesh.resolve_mesh_shape
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 DISPATCHES = ("capacity", "dropless", "all_to_all")  # moejax/model/moe_layer.py
 GROUP_LAYOUTS = ("sequence", "position")
@@ -72,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
   moe.group_size = 256  # tokens that compete for capacity; fixed by config, never by devices
   moe.group_layout = "sequence"  # or "position": a group = one position of group_size sequences
   moe.eval_dispatch = config_dict.placeholder(str)  # dispatch at evaluation; None = moe.dispatch
+  # dropless with experts split over devices: each device sends at most this many times a
+  # balanced routing's pairs to each expert shard; the overflow is dropped and reported.
+  moe.exchange_factor = 2.0
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
@@ -165,37 +171,6 @@ def import_extensions(extensions: str) -> None:
       ) from None
 
 
-def rules_from_config(mesh_cfg) -> sharding.Rules:
-  return sharding.Rules.of(
-    {k: tuple(a for a in v.split(",") if a) for k, v in mesh_cfg.rules.items()}
-  )
-
-
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
-  """Mesh axis sizes with the (at most one) -1 axis filled with the remaining devices."""
-  shape = {a: int(mesh_cfg[a]) for a in sharding.MESH_AXES}
-  fill = [a for a, n in shape.items() if n == -1]
-  if len(fill) > 1:
-    raise ConfigError(f"mesh: at most one axis may be -1, got {fill}; set the others to sizes")
-  for a, n in shape.items():
-    if n == 0 or n < -1:
-      raise ConfigError(f"mesh.{a}={n}: must be a positive size or -1 (= the remaining devices)")
-  fixed = math.prod(n for n in shape.values() if n != -1)
-  if fill:
-    if num_devices % fixed:
-      raise ConfigError(
-        f"mesh: the fixed axes {shape} use {fixed} devices, which does not divide the "
-        f"{num_devices} available; choose sizes whose product divides {num_devices}"
-      )
-    shape[fill[0]] = num_devices // fixed
-  elif fixed != num_devices:
-    raise ConfigError(
-      f"mesh {shape} needs {fixed} devices but {num_devices} are available; "
-      f"make the product {num_devices} or set one axis to -1"
-    )
-  return shape
-
-
 _POSITIVE = (
   "model.vocab_size",
   "model.num_layers",
@@ -264,7 +239,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       f"model.moe.eval_dispatch={eval_dispatch!r} is not one of: {', '.join(DISPATCHES)} "
       "(or None: the training dispatch)"
     )
-  for key in ("model.moe.capacity_factor", "model.moe.eval_capacity_factor"):
+  for key in (
+    "model.moe.capacity_factor",
+    "model.moe.eval_capacity_factor",
+    "model.moe.exchange_factor",
+  ):
     if _get(cfg, key) <= 0:
       raise ConfigError(f"{key}={_get(cfg, key)}: must be > 0 (Switch uses 1.25, eval 2.0)")
   if not 0 < cfg.data.val_fraction < 1:
@@ -280,7 +259,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
   _validate_large_model(cfg)
   if m.moe_every:
     _validate_moe(cfg)
-  return _validate_mesh(cfg, num_devices)
+  return config_mesh.validate_mesh(cfg, num_devices)
 
 
 def _validate_large_model(cfg) -> None:
@@ -345,52 +324,6 @@ def _validate_moe(cfg) -> None:
       f"model.moe.group_size={moe.group_size} does not divide {what} * train.seq_len"
       f" = {tokens}; use a divisor such as {math.gcd(tokens, moe.group_size)} or {t.seq_len}"
     )
-
-
-def _validate_mesh(cfg, num_devices: int) -> dict[str, int]:
-  moe, t = cfg.model.moe, cfg.train
-  rules = rules_from_config(cfg.mesh)
-  for name, axes in rules.table:
-    bad = [a for a in axes if a not in sharding.MESH_AXES]
-    if bad:
-      raise ConfigError(
-        f"mesh.rules.{name}={cfg.mesh.rules[name]!r}: unknown mesh axes {bad}; "
-        f"use a comma-separated subset of {sharding.MESH_AXES}"
-      )
-  shape = resolve_mesh_shape(cfg.mesh, num_devices)
-  if cfg.model.moe_every and moe.num_experts % shape["expert"]:
-    raise ConfigError(
-      f"model.moe.num_experts={moe.num_experts} is not divisible by mesh.expert="
-      f"{shape['expert']}; use a multiple of {shape['expert']} experts or a smaller expert axis"
-    )
-  batch_shards = math.prod(shape[a] for a in rules["batch"])
-  experts_split = math.prod(shape[a] for a in rules["expert"]) > 1
-  groups = t.batch_size // t.microbatches * t.seq_len // moe.group_size
-  if moe.dispatch == "all_to_all" and experts_split and groups % batch_shards:
-    raise ConfigError(
-      f"model.moe.dispatch='all_to_all' needs the {groups} routing groups per batch to split "
-      f"evenly over the {batch_shards} devices of the batch axes {rules['batch']} of {shape}; "
-      "use a smaller model.moe.group_size or a bigger train.batch_size"
-    )
-  if t.batch_size % batch_shards:
-    raise ConfigError(
-      f"train.batch_size={t.batch_size} is not divisible by the {batch_shards} devices the batch"
-      f" is split over (mesh axes {rules['batch']} of {shape}); use a multiple of {batch_shards}"
-    )
-  if (t.batch_size // batch_shards) % t.microbatches:
-    raise ConfigError(
-      f"train.microbatches={t.microbatches} must divide the {t.batch_size // batch_shards} rows "
-      f"each of the {batch_shards} batch devices holds (every microbatch spans every device); "
-      "use a bigger train.batch_size or fewer microbatches"
-    )
-  heads = math.prod(shape[a] for a in rules["heads"])
-  kv_heads = cfg.model.num_kv_heads or cfg.model.num_heads
-  if kv_heads % heads:
-    raise ConfigError(
-      f"model.num_kv_heads={kv_heads} is not divisible by the {heads} devices the heads are split"
-      f" over (mesh axes {rules['heads']} of {shape}); use fewer devices on them"
-    )
-  return shape
 
 
 def _get(cfg, key: str):

@@ -3,8 +3,8 @@
   python -m moejax.train --config configs/mixtral_8x7b.py --dry_run --devices 64 \\
       [--device tpu-v5p | --device_memory_gib 95] [--dry_run_json out.json] [--config.mesh.fsdp=64]
 
-The step is the one `moejax.train` jits (`moejax.training.build`: same function, same shardings,
-same donation), lowered from `jax.ShapeDtypeStruct`s of the train state and one batch and
+The step is the one `moejax.train` jits (`moejax.training.program_for`: same function, same
+shardings, same donation), lowered from `jax.ShapeDtypeStruct`s of the train state and one batch and
 compiled by XLA for a mesh of N CPU devices (`--xla_force_host_platform_device_count`, set before
 JAX starts its backend). XLA's per-device memory analysis (arguments, outputs, temporaries) is
 printed beside the pre-flight estimate (moejax/memory.py), with the compile time, and compared
@@ -23,8 +23,7 @@ import time
 
 import jax
 
-from moejax import config_lib, errors, memory, paths, training
-from moejax import mesh as mesh_lib
+from moejax import errors, memory, paths, training
 
 GIB = 2**30
 # Memory per device (GiB) of common accelerators, for --device.
@@ -87,20 +86,14 @@ def dry_run(cfg, devices, device_bytes: int | None = None, device_name: str = ""
     "total_bytes_per_device", "estimate_bytes_per_device", "estimate" (the pre-flight's parts),
     "compile_seconds", "device_memory_bytes", "fits"} (fits is None without a device).
   """
-  config_lib.import_extensions(cfg.extensions)
   if cfg.model.attention_impl == "tpu_splash":
     cfg.model.attention_impl = "blockwise"  # same memory profile; splash needs a TPU
-  mesh_shape = config_lib.validate(cfg, len(devices))
-  rules = config_lib.rules_from_config(cfg.mesh)
-  mesh = mesh_lib.make_mesh(mesh_shape, devices)
-  program = training.build(cfg, mesh, mesh_shape, rules)
-  estimate = memory.estimate_memory_bytes(program.abs_state, cfg, mesh_shape, rules)
-  with jax.set_mesh(mesh):
-    start = time.perf_counter()
-    compiled = program.step_fn.lower(
-      program.abs_state, training.abstract_batch(cfg, program)
-    ).compile()
-    seconds = time.perf_counter() - start
+  program = training.program_for(cfg, devices)
+  mesh_shape = program.mesh_shape
+  estimate = memory.estimate_memory_bytes(program.abs_state, cfg, mesh_shape, program.rules)
+  start = time.perf_counter()
+  compiled = program.lower().compile()
+  seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   report = {
     "devices": len(devices),

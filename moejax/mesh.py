@@ -21,7 +21,7 @@ from moejax import sharding
 from moejax.errors import ConfigError
 
 
-def make_mesh(shape: dict[str, int], devices=None, dcn=None) -> Mesh:
+def make_mesh(shape: dict[str, int], devices=None, dcn=None, batch_axes=None) -> Mesh:
   """A mesh with axes `sharding.MESH_AXES` of the given (resolved) sizes.
 
   Axis types are Auto (classic GSPMD): shardings are given explicitly to `jax.jit` and through
@@ -31,6 +31,8 @@ def make_mesh(shape: dict[str, int], devices=None, dcn=None) -> Mesh:
     shape: resolved total size of every mesh axis.
     devices: the devices (default: all).
     dcn: the config's `mesh.dcn` (hosts per axis, one axis may be -1); None = data crosses hosts.
+    batch_axes: the mesh axes that split the batch (rules["batch"]); hosts may only span those
+      (see `resolve_dcn_shape`). None: not checked.
   """
   devices = jax.devices() if devices is None else list(devices)
   sizes = tuple(shape[a] for a in sharding.MESH_AXES)
@@ -39,7 +41,7 @@ def make_mesh(shape: dict[str, int], devices=None, dcn=None) -> Mesh:
   hosts = len({d.slice_index if by_slice else d.process_index for d in devices})
   if hosts == 1:
     return jax.make_mesh(sizes, sharding.MESH_AXES, axis_types=auto, devices=devices)
-  dcn_shape = resolve_dcn_shape(shape, dcn, hosts)
+  dcn_shape = resolve_dcn_shape(shape, dcn, hosts, batch_axes)
   ici = tuple(shape[a] // dcn_shape[a] for a in sharding.MESH_AXES)
   grid = mesh_utils.create_hybrid_device_mesh(
     ici,
@@ -51,11 +53,16 @@ def make_mesh(shape: dict[str, int], devices=None, dcn=None) -> Mesh:
   return Mesh(np.asarray(grid), sharding.MESH_AXES, axis_types=auto)
 
 
-def resolve_dcn_shape(shape: dict[str, int], dcn, hosts: int) -> dict[str, int]:
+def resolve_dcn_shape(shape: dict[str, int], dcn, hosts: int, batch_axes=None) -> dict[str, int]:
   """Hosts per mesh axis: `dcn` with its -1 axis filled so that the product is `hosts`.
 
+  Each host feeds the rows of the global batch its devices hold (read from the batch
+  sharding). Hosts spread over an axis that does not split the batch (tensor) would hold the
+  same rows and have to feed identical data: such layouts are refused.
+
   Raises:
-    ConfigError: sizes that do not multiply to `hosts` or do not divide their axis.
+    ConfigError: sizes that do not multiply to `hosts`, do not divide their axis, or put hosts
+      on an axis outside `batch_axes`.
   """
   dcn = {"data": -1} if dcn is None else dict(dcn)
   dcn = {a: int(dcn.get(a, 1)) for a in sharding.MESH_AXES}
@@ -69,6 +76,14 @@ def resolve_dcn_shape(shape: dict[str, int], dcn, hosts: int) -> dict[str, int]:
     raise ConfigError(
       f"mesh.dcn={dcn} does not spread the {hosts} hosts over the axes: make the product "
       f"{hosts} (e.g. mesh.dcn.data={hosts} and the others 1)"
+    )
+  allowed = sharding.MESH_AXES if batch_axes is None else tuple(batch_axes)
+  duplicated = [a for a in sharding.MESH_AXES if dcn[a] > 1 and a not in allowed]
+  if duplicated:
+    raise ConfigError(
+      f"mesh.dcn={dcn} spreads hosts over {duplicated}, which do not split the batch "
+      f"(batch axes {tuple(batch_axes)}): those hosts would feed identical rows; put the hosts "
+      "on batch axes (e.g. mesh.dcn.data)"
     )
   for a in sharding.MESH_AXES:
     if shape[a] % dcn[a]:

@@ -13,12 +13,13 @@ be traced inside `jax.set_mesh`, or `constrain` raises.
 
 Parameter names:  embed, mlp, heads, kv, vocab, expert, expert_embed, expert_mlp
 Activation names: batch, length, act_embed, act_mlp, act_heads, act_vocab,
-                  group, act_expert, capacity
+                  group, expert_group, act_expert, capacity
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -29,8 +30,10 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical name -> mesh axes. Batch-like activations are split over every axis that does not
-# shard them otherwise (so expert-parallel devices do not duplicate attention work); inside the
-# MoE layer the routing groups stay on data/fsdp and experts move to 'expert'.
+# shard them otherwise (so expert-parallel devices do not duplicate attention work). Inside the
+# MoE layer the routing groups keep the batch's sharding (`group`: every device routes its own
+# groups); the dispatch buffers then move from `group` to `expert_group` x `act_expert`: the
+# expert axes leave the group dimension for the expert dimension, which is one all-to-all.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
   # parameters
   "embed": ("fsdp",),
@@ -48,7 +51,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
   "act_mlp": ("tensor",),
   "act_heads": ("tensor",),
   "act_vocab": ("tensor",),
-  "group": ("data", "fsdp"),
+  "group": ("data", "fsdp", "expert"),
+  "expert_group": ("data", "fsdp"),
   "act_expert": ("expert",),
   "capacity": (),
 }
@@ -139,6 +143,38 @@ def context_mesh():
       "a model built with sharding rules runs inside `with jax.set_mesh(mesh):` (no mesh is set)"
     )
   return mesh
+
+
+def group_axes(rules: Rules | None) -> tuple[str, ...]:
+  """The mesh axes (of more than one device) that split the routing groups; () without rules."""
+  if rules is None:
+    return ()
+  mesh = context_mesh()
+  return tuple(a for a in rules["group"] if mesh.shape[a] > 1)
+
+
+def group_shards(rules: Rules | None) -> int:
+  """Devices the routing groups are split over (1 without rules)."""
+  if rules is None:
+    return 1
+  mesh = context_mesh()
+  return math.prod(mesh.shape[a] for a in group_axes(rules))
+
+
+def per_group(fn, rules: Rules | None):
+  """`fn` run where each routing group lives: a `shard_map` manual over the group axes.
+
+  Every argument and result of `fn` has a leading group axis [G, ...]; `fn` must treat groups
+  independently (vmapped per-group code). XLA's partitioner does not always keep such code
+  sharded (the backward of a batched gather can all-reduce a full [G, ...] buffer); this makes
+  the locality explicit. The other mesh axes (tensor) stay automatic. Without rules, or with
+  groups on one device, `fn` itself.
+  """
+  axes = group_axes(rules)
+  if not axes:
+    return fn
+  spec = P(axes)
+  return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=set(axes), check_vma=False)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None) -> jax.Array:

@@ -26,7 +26,6 @@ from ml_collections import config_flags
 from moejax import (
   checkpoint,
   cli,
-  config_lib,
   distributed,
   dry_run,
   errors,
@@ -35,7 +34,6 @@ from moejax import (
   paths,
   training,
 )
-from moejax import mesh as mesh_lib
 from moejax import metrics as metrics_lib
 from moejax import upcycle as upcycle_lib
 from moejax.data import pipeline
@@ -54,26 +52,23 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   """
   # ---------------------------------------------------------------- Config
   devices = jax.devices() if devices is None else list(devices)
-  config_lib.import_extensions(cfg.extensions)
-  mesh_shape = config_lib.validate(cfg, len(devices))
+  program = training.program_for(cfg, devices)  # validates cfg; abstract, nothing allocated
+  mesh, mesh_shape, rules = program.mesh, program.mesh_shape, program.rules
   if cfg.model.attention_impl == "tpu_splash" and devices[0].platform != "tpu":
     raise errors.ConfigError(
       f"model.attention_impl='tpu_splash' needs TPU devices (these are {devices[0].platform}); "
       "use 'auto' (picks the kernel by platform)"
     )
-  rules = config_lib.rules_from_config(cfg.mesh)
   t = cfg.train
   pipeline.check_source(cfg.data.source, vocab_size=cfg.model.vocab_size)
   workdir = paths.workdir(workdir)
   is_writer = jax.process_index() == 0
 
   # ---------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn)
   say = print if is_writer else (lambda *a, **k: None)
   say(f"moejax: mesh {mesh_shape} over {len(devices)} {devices[0].platform} devices", flush=True)
 
   # ---------------------------------------------------------------- Model + optimizer (abstract)
-  program = training.build(cfg, mesh, mesh_shape, rules)
   abs_state, state_shardings = program.abs_state, program.state_shardings
   num_params = program.num_params
 
@@ -99,7 +94,7 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   # other parameter layout (scan_layers changed) is read as saved and converted.
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   saved_layout = training.saved_layout(ckpt)
-  abs_saved = training.state_as_saved(cfg, mesh, mesh_shape, rules, program, saved_layout)
+  abs_saved = training.state_as_saved(cfg, program, saved_layout)
   saved_cfg = checkpoint.read_config(workdir)
   if saved_cfg and abs_saved is not abs_state:  # the layout is not a difference of the arrays
     saved_cfg["model"]["scan_layers"] = cfg.model.scan_layers

@@ -1,8 +1,14 @@
 """The training program of a config on a mesh: abstract model and state, shardings, jitted steps.
 
-Shared by `moejax.train` (which runs it) and the dry run (which compiles the same jitted step from
-abstract shapes), so the dry run measures exactly the program a run executes. Also: reading a
-checkpoint saved in the other parameter layout (scanned <-> per-layer) on resume.
+`program_for(cfg, devices)` validates the config, makes the mesh and builds everything the train
+step needs from abstract shapes (nothing allocated). Shared by `moejax.train` (which runs it), the
+dry run and `benchmarks/collectives.py` (which compile the same jitted step), so they measure
+exactly the program a run executes:
+
+  program = program_for(cfg, jax.devices())
+  compiled = program.lower().compile()   # compiled.as_text(), memory_analysis(), cost_analysis()
+
+Also: reading a checkpoint saved in the other parameter layout (scanned <-> per-layer) on resume.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moejax import checkpoint, optim, restore, sharding, train_step
+from moejax import checkpoint, config_lib, optim, restore, sharding, train_step
+from moejax import mesh as mesh_lib
 from moejax.model import layout, routers
 from moejax.model.blocks import unit_size
 from moejax.model.transformer import Transformer
@@ -28,6 +35,7 @@ class Program:
   """Everything about a run's step that is known before any array exists.
 
   Attributes:
+    mesh, mesh_shape, rules: where the program runs.
     graphdef: the model's graph definition (static part of every step).
     abs_params: abstract parameters (nnx.State) with their logical axes.
     param_shardings: pure dict of NamedShardings of the parameters.
@@ -40,6 +48,9 @@ class Program:
     num_params: number of parameters.
   """
 
+  mesh: jax.sharding.Mesh
+  mesh_shape: dict[str, int]
+  rules: sharding.Rules
   graphdef: nnx.GraphDef
   abs_params: nnx.State
   param_shardings: dict
@@ -50,6 +61,27 @@ class Program:
   step_fn: Callable
   eval_fn: Callable
   num_params: int
+  batch_shape: tuple[int, int]
+
+  def abstract_batch(self) -> dict:
+    """ShapeDtypeStructs of one global batch {"inputs", "targets"} (int32 [batch, length])."""
+    token = jax.ShapeDtypeStruct(self.batch_shape, "int32", sharding=self.batch_sharding)
+    return {"inputs": token, "targets": token}
+
+  def lower(self):
+    """The train step lowered for abstract state and batch (compile it for XLA's analyses)."""
+    with jax.set_mesh(self.mesh):
+      return self.step_fn.lower(self.abs_state, self.abstract_batch())
+
+
+def program_for(cfg, devices) -> Program:
+  """The program of `cfg` on a mesh over `devices`; the config is validated first (ConfigError)."""
+  devices = list(devices)
+  config_lib.import_extensions(cfg.extensions)
+  mesh_shape = config_lib.validate(cfg, len(devices))
+  rules = config_lib.rules_from_config(cfg.mesh)
+  mesh = mesh_lib.make_mesh(mesh_shape, devices, dcn=cfg.mesh.dcn, batch_axes=rules["batch"])
+  return build(cfg, mesh, mesh_shape, rules)
 
 
 def build(cfg, mesh, mesh_shape: dict[str, int], rules: sharding.Rules) -> Program:
@@ -86,6 +118,9 @@ def build(cfg, mesh, mesh_shape: dict[str, int], rules: sharding.Rules) -> Progr
     in_shardings=(state_shardings, batch_sharding),
   )
   return Program(
+    mesh=mesh,
+    mesh_shape=mesh_shape,
+    rules=rules,
     graphdef=graphdef,
     abs_params=abs_params,
     param_shardings=param_shardings,
@@ -96,14 +131,8 @@ def build(cfg, mesh, mesh_shape: dict[str, int], rules: sharding.Rules) -> Progr
     step_fn=step_fn,
     eval_fn=eval_fn,
     num_params=sum(x.size for x in jax.tree.leaves(abs_state["params"])),
+    batch_shape=(t.batch_size, t.seq_len),
   )
-
-
-def abstract_batch(cfg, program: Program) -> dict:
-  """ShapeDtypeStructs of one global batch {"inputs", "targets"} (int32 [batch, length])."""
-  t = cfg.train
-  shape = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), "int32", sharding=program.batch_sharding)
-  return {"inputs": shape, "targets": shape}
 
 
 def _model_and_state(cfg, rules):
@@ -155,13 +184,13 @@ def saved_layout(ckpt: checkpoint.Checkpointer) -> str | None:
     return None
 
 
-def state_as_saved(cfg, mesh, mesh_shape, rules, program: Program, saved: str | None) -> dict:
+def state_as_saved(cfg, program: Program, saved: str | None) -> dict:
   """The abstract train state in the checkpoint's layout `saved` (the program's own if same)."""
   if saved is None or saved == restore.params_layout(cfg.model):
     return program.abs_state
   other = cfg.copy_and_resolve_references()
   other.model.scan_layers = saved == layout.STACKED
-  return build(other, mesh, mesh_shape, rules).abs_state
+  return build(other, program.mesh, program.mesh_shape, program.rules).abs_state
 
 
 def to_program_layout(cfg, program: Program, state: dict) -> dict:

@@ -83,22 +83,18 @@ def step_losses(cfg, steps: int, *, seed: int = 0, batches=None) -> list[float]:
 
 
 def mesh_step_losses(cfg, steps: int, *, seed: int = 0) -> list[float]:
-  """`step_losses` on the config's mesh (8 simulated devices), through `training.build`: the
-  jitted step `moejax.train` runs, with its shardings. Same batches as `step_losses`."""
+  """`step_losses` on the config's mesh (8 simulated devices), through `training.program_for`:
+  the jitted step `moejax.train` runs, with its shardings. Same batches as `step_losses`."""
   import jax
   import numpy as np
 
-  from moejax import config_lib, training
-  from moejax import mesh as mesh_lib
+  from moejax import training
 
-  shape = config_lib.validate(cfg, len(jax.devices()))
-  rules = config_lib.rules_from_config(cfg.mesh)
-  mesh = mesh_lib.make_mesh(shape)
-  program = training.build(cfg, mesh, shape, rules)
+  program = training.program_for(cfg, jax.devices())
   rng = np.random.default_rng(seed)
   t, vocab = cfg.train, cfg.model.vocab_size
   losses = []
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(program.mesh):
     state = jax.jit(program.init_state, out_shardings=program.state_shardings)()
     for _ in range(steps):
       start = rng.integers(0, vocab, (t.batch_size, 1))

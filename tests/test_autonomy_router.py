@@ -1,4 +1,5 @@
-"""Autonomy-of-Experts: routing by the norms of the experts' own activations, cached expert FFN."""
+"""Autonomy-of-Experts: routing by the norms of the experts' own activations, cached expert FFN;
+the `autonomy` router through the MoE layer with every dispatch."""
 
 import functools
 import math
@@ -7,9 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moejax.model.routers import autonomy
+from moejax.model.transformer import Transformer
 from moejax.ops import capacity
+from tests.family_configs import family_config
 
 route = jax.jit(autonomy.route_autonomy, static_argnames=("top_k", "normalize"))
 
@@ -164,3 +168,72 @@ def test_vmap_over_groups_and_normalized_weights():
 def test_rejects_too_many_choices():
   with pytest.raises(ValueError, match="top_k=4"):
     autonomy.route_autonomy(jnp.zeros((2, 3, 2)), top_k=4)
+
+
+def _reference_layer(x_td, layer, top_k):
+  """Per token in float64: norms ||x W_down^e||, p = softmax, the top-k experts, each
+  p_e * (SiLU(x W_down^e W_up^e) * (x W_p^e)) W_o^e with W_p, W_o the bank's w_in, w_out."""
+  w_down, w_up = (np.asarray(v[...], np.float64) for v in (layer.router.w_down, layer.router.w_up))
+  w_p, w_o = (np.asarray(v[...], np.float64) for v in (layer.experts.w_in, layer.experts.w_out))
+  y = np.zeros_like(x_td)
+  for t, x in enumerate(x_td):
+    norms = np.array([np.linalg.norm(x @ w_down[e]) for e in range(len(w_down))])
+    p = np.exp(norms - norms.max()) / np.exp(norms - norms.max()).sum()
+    for e in np.argsort(-p, kind="stable")[:top_k]:
+      gate = np.asarray(jax.nn.silu(jnp.asarray(x @ w_down[e] @ w_up[e])), np.float64)
+      y[t] += p[e] * ((gate * (x @ w_p[e])) @ w_o[e])
+  return y
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_layer_equals_per_token_reference_with_every_dispatch(top_k):
+  x = jax.random.normal(jax.random.key(0), (4, 32, 64))
+  outputs = {}
+  for dispatch in ("capacity", "dropless", "all_to_all"):
+    cfg = family_config("autonomy")
+    cfg.model.moe.top_k, cfg.model.moe.dispatch = top_k, dispatch
+    cfg.model.moe.eval_capacity_factor = 4.0  # C = S * k: nothing dropped
+    cfg.model.moe.autonomy.init_std = 0.2  # decisive norms
+    layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+    y, losses, metrics = layer(x, train=False, rng=None)
+    assert float(metrics["dropped_fraction"]) == 0.0 and "load_balance_loss" in losses
+    assert float(metrics["mean_max_prob"]) > 0.4  # routing far from uniform (0.25)
+    outputs[dispatch] = np.asarray(y).reshape(-1, 64)
+  expected = _reference_layer(np.asarray(x, np.float64).reshape(-1, 64), layer, top_k)
+  for dispatch, y in outputs.items():
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=2e-4, err_msg=dispatch)
+
+
+def test_gradient_reaches_w_down_through_routing_and_experts():
+  cfg = family_config("autonomy")
+  layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+  x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+
+  x_gsd = layer.to_groups(x)
+
+  def loss(w_down, through_routing):
+    # The router's routing and dispatch experts, as functions of w_down.
+    route = lambda x_sd: autonomy.route_autonomy(
+      autonomy.low_rank_activations(x_sd, w_down), top_k=1
+    )
+    routing = jax.vmap(route)(x_gsd)
+    if not through_routing:
+      routing = jax.tree.map(jax.lax.stop_gradient, routing)
+    experts = autonomy.LowRankGateExperts(w_down, layer.router.w_up[...], layer.experts)
+    y, _ = capacity.capacity_moe(x_gsd, routing, experts, num_experts=4, capacity=64)
+    return jnp.sum(y**2)
+
+  w_down = layer.router.w_down[...]
+  both = jax.grad(loss)(w_down, True)
+  experts_only = jax.grad(loss)(w_down, False)
+  assert np.all(np.isfinite(both)) and float(jnp.abs(experts_only).max()) > 0
+  # The gate p adds its own part (relative to the gradient's scale).
+  assert float(jnp.abs(both - experts_only).max()) > 1e-2 * float(jnp.abs(both).max())
+
+
+def test_swiglu_bank_is_refused():
+  cfg = family_config("autonomy")
+  cfg.model.activation = "swiglu"
+  layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+  with pytest.raises(ValueError, match="model.activation='gelu' or 'relu'"):
+    layer(jnp.zeros((2, 32, 64)), train=False, rng=None)

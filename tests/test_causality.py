@@ -8,8 +8,12 @@ registered later are covered automatically), with the MoE settings of its recipe
   two token batches that differ only at positions > t must give equal logits at positions <= t,
 in every layout the router declares causal (`group_layout='position'` always; 'sequence' only
 when `causal_in_sequence` says so), in eval mode and in train mode with a fixed rng.
-Then the leak itself is measured: expert choice and Soft MoE with `group_layout='sequence'`
-(allowed by `allow_noncausal=True`) change earlier positions' logits under the same perturbation.
+A layout the family's own check refuses (SMEAR needs 'sequence') is not a case; every family has
+at least one. Then the leak itself is measured for every family or option declared non-causal in
+the 'sequence' layout (allowed by `allow_noncausal=True`): expert choice, Soft MoE, SMEAR's
+per-example mean and batch-prioritized Switch change earlier positions' logits under the same
+perturbation in both modes; PEER's query batch norm only at training (evaluation uses the running
+statistics and is causal).
 """
 
 import functools
@@ -32,7 +36,7 @@ POSITION_GROUP = 4  # group_layout 'position': 4 sequences per group, 2 groups p
 SEQUENCE_GROUP = LENGTH  # group_layout 'sequence': a group is exactly one sequence
 ATOL = 1e-6
 # Size overrides; every other model.moe key comes from the router's recipe (tiny preset).
-NOT_FROM_RECIPE = ("group_size", "group_layout", "allow_noncausal", "d_expert")
+NOT_FROM_RECIPE = ("group_size", "group_layout", "allow_noncausal")
 
 
 def _load_recipes() -> dict:
@@ -54,9 +58,9 @@ def _load_recipes() -> dict:
 RECIPES = _load_recipes()
 
 
-def make_config(name: str, layout: str, allow_noncausal: bool = False):
-  """A one-layer LM (attention + MoE; deeper stacks are causal by induction) with router `name`
-  and the MoE settings of its recipe."""
+def make_config(name: str, layout: str, allow_noncausal: bool = False, **options):
+  """A one-layer LM (attention + MoE; deeper stacks are causal by induction) with router `name`,
+  the MoE settings of its recipe and `options` of its family."""
   c = config_lib.default_config()
   m, moe, t = c.model, c.model.moe, c.train
   if name in RECIPES:
@@ -67,8 +71,12 @@ def make_config(name: str, layout: str, allow_noncausal: bool = False):
   m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.d_ff = 64, 1, 32, 2, 64
   m.moe_every = 1
   m.init_std = 0.1  # larger than the default 0.02, so the MoE output (and any leak) is not tiny
+  if moe.d_expert:  # a recipe's expert width (PEER's single neurons), at most this model's d_ff
+    moe.d_expert = min(moe.d_expert, m.d_ff)
   if "init_std" in moe[name]:
     moe[name].init_std = 0.5  # decisive routing, so a leak would flip choices
+  for key, value in options.items():
+    moe[name][key] = value
   moe.group_layout, moe.allow_noncausal = layout, allow_noncausal
   moe.group_size = POSITION_GROUP if layout == "position" else SEQUENCE_GROUP
   if name == "base":  # BASE needs group_size % num_experts == 0 (S/E tokens per expert)
@@ -81,10 +89,17 @@ def _cases():
   """(router, layout) pairs to check; resolved at collection time from the registry."""
   cases = []
   for name, cls in sorted(routers.families().items()):
-    moe = make_config(name, "sequence").model.moe
-    causal = cls.causal_in_sequence(routers.options(moe), routers.settings(moe))
-    layouts = ("sequence", "position") if causal else ("position",)
-    cases += [pytest.param(name, layout, id=f"{name}-{layout}") for layout in layouts]
+    family_cases = []
+    for layout in ("sequence", "position"):
+      moe = make_config(name, layout).model.moe
+      try:
+        options = routers.options(moe)  # the family's check of this layout
+      except config_lib.ConfigError:
+        continue
+      if layout == "position" or cls.causal_in_sequence(options, routers.settings(moe)):
+        family_cases.append(pytest.param(name, layout, id=f"{name}-{layout}"))
+    assert family_cases, f"router {name!r} refuses every group layout"
+    cases += family_cases
   return cases
 
 
@@ -128,15 +143,29 @@ def test_future_tokens_do_not_change_earlier_logits(name, layout):
     assert future > 1e-3, f"{name} ({layout}, {train=}): the perturbation did nothing"
 
 
-LEAKY = [name for name in ("expert_choice", "soft_moe") if name in routers.families()]
+# (router, family options, modes that leak) for everything declared non-causal in 'sequence'.
+LEAKY = [
+  ("expert_choice", {}, (False, True)),
+  ("soft_moe", {}, (False, True)),
+  ("smear", {"level": "example"}, (False, True)),
+  ("switch", {"batch_prioritized": True}, (False, True)),
+  ("peer", {}, (True,)),
+]
 
 
-@pytest.mark.parametrize("name", LEAKY)
-def test_leak_is_measured_with_sequence_groups(name):
-  """Expert choice and Soft MoE within a sequence: earlier logits move when later tokens do."""
+@pytest.mark.parametrize("name, options, leaky_modes", LEAKY, ids=[case[0] for case in LEAKY])
+def test_leak_is_measured_with_sequence_groups(name, options, leaky_modes):
+  """Within a sequence: earlier logits move when later tokens do, in the modes that leak (and
+  the declaration says so: validation refuses the layout unless allow_noncausal)."""
+  cfg = make_config(name, "sequence", **options)
+  cls = routers.get(name)
+  assert not cls.causal_in_sequence(routers.options(cfg.model.moe), routers.settings(cfg.model.moe))
   with pytest.raises(config_lib.ConfigError, match="allow_noncausal"):
-    config_lib.validate(make_config(name, "sequence"), 1)
-  forward = make_forward(make_config(name, "sequence", allow_noncausal=True))
+    config_lib.validate(cfg, 1)
+  forward = make_forward(make_config(name, "sequence", allow_noncausal=True, **options))
   for train in (False, True):
     past, _ = max_diffs(forward, train)
-    assert past > 1e-2, f"{name} with sequence groups: expected a leak, measured {past=}"
+    if train in leaky_modes:
+      assert past > 1e-2, f"{name} {options} with sequence groups ({train=}): {past=}, no leak"
+    else:
+      assert past <= ATOL, f"{name} {options} ({train=}) should be causal: {past=}"

@@ -7,6 +7,7 @@ drop exactly the pairs a python loop over pairs says, and `dropless` must drop n
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,17 @@ from moejax.model import routers
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import expert_choice, top_k
 from moejax.model.transformer import Transformer
-from moejax.ops import all_to_all, capacity, dropless
+from moejax.ops import all_to_all, capacity, dropless, dropless_dispatch
 from tests.helpers import tiny_config
 
 G, S, D, F, E = 8, 16, 16, 32, 8  # groups, tokens per group, d_model, expert hidden, experts
 
 DISPATCHES = {
   "capacity": capacity.capacity_moe,
-  "dropless_blocked": functools.partial(dropless.dropless_moe, grouped_matmul="blocked"),
-  "dropless_ragged_dot": functools.partial(dropless.dropless_moe, grouped_matmul="ragged_dot"),
+  "dropless_blocked": functools.partial(dropless_dispatch.dropless_moe, grouped_matmul="blocked"),
+  "dropless_ragged_dot": functools.partial(
+    dropless_dispatch.dropless_moe, grouped_matmul="ragged_dot"
+  ),
   "all_to_all": all_to_all.all_to_all_moe,
 }
 # router name -> (route one group's logits [S, E], capacity that drops nothing)
@@ -192,14 +195,46 @@ def test_config_validates_dispatch():
   c.model.moe.dispatch = "all_to_all"
   c.mesh.expert = 4
   assert config_lib.validate(c, 8)["expert"] == 4  # 32 x 128 tokens / 256 = 16 groups, 8 devices
-  c.model.moe.group_size = 1024  # 4 groups for 8 devices
-  with pytest.raises(config_lib.ConfigError, match="4 routing groups per batch to split evenly"):
+  c.model.moe.group_size = 1024  # 4 groups for 8 devices: padded to 8, with a warning
+  with mock.patch.object(config_lib.logging, "warning") as warning:
+    assert config_lib.validate(c, 8)["expert"] == 4
+  assert "4 routing groups" in warning.call_args[0][0] % warning.call_args[0][1:]
+  c.model.moe.group_size = 256
+  c.mesh.rules.group = "expert,data,fsdp"  # the expert axes must be the minor part of `group`
+  with pytest.raises(config_lib.ConfigError, match="the expert axes last"):
     config_lib.validate(c, 8)
-  c.mesh.expert = 1  # experts not split: all_to_all runs locally, any group count works
-  config_lib.validate(c, 8)
 
 
-SPARSE_ROUTERS = sorted(set(routers.families()) - {"soft_moe"})
+@pytest.mark.parametrize("router", ["switch", "soft_moe"])
+def test_groups_that_do_not_split_are_padded_on_the_mesh(router):
+  """12 routing groups on 8 group shards: every dispatch pads to 16 groups and returns what one
+  device computes (the padded groups hold no pair and are cut off)."""
+  m = tiny_config("unused").model
+  m.num_layers, m.d_model, m.d_ff, m.vocab_size = 2, 32, 64, 64
+  m.moe.router, m.moe.group_size, m.moe.num_experts = router, 8, 8
+  m.moe.eval_capacity_factor = float(m.moe.num_experts)  # nothing dropped
+  tokens = jax.random.randint(jax.random.key(0), (8, 12), 0, m.vocab_size)  # 96 tokens: 12 groups
+  reference = None
+  for dispatch in ("capacity", "dropless", "all_to_all") if router == "switch" else ("capacity",):
+    m.moe.dispatch = dispatch
+    for rules, mesh in ((None, None), (sharding.DEFAULT, mesh_8())):
+      model = Transformer(m, rngs=nnx.Rngs(0), rules=rules)
+      graphdef, state = nnx.split(model)
+      forward = jax.jit(lambda s, t, g=graphdef: nnx.merge(g, s)(t, train=False)[0])
+      if mesh is None:
+        logits = forward(state, tokens)
+      else:
+        with jax.set_mesh(mesh):
+          logits = forward(state, tokens)
+      if reference is None:
+        reference = np.asarray(logits)
+      np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5, err_msg=dispatch)
+
+
+# Families that go through a dispatch (SMEAR and PEER compute their own output).
+SPARSE_ROUTERS = sorted(
+  name for name, cls in routers.families().items() if name != "soft_moe" and not cls.COMPUTES_OUTPUT
+)
 
 
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)
@@ -208,7 +243,9 @@ def test_every_sparse_router_runs_dropless_in_the_model(router):
   cfg = tiny_config("unused")
   m = cfg.model
   m.num_layers, m.d_model, m.d_ff, m.vocab_size = 2, 32, 64, 64
-  m.moe.router, m.moe.top_k, m.moe.group_size = router, 1 if router == "base" else 2, 16
+  m.moe.router, m.moe.top_k, m.moe.group_size = router, 1 if router in ("base", "hash") else 2, 16
+  if router == "autonomy":
+    m.moe.d_expert = 32  # its W_up is [E, d_low, d_expert]
   m.moe.eval_capacity_factor = float(m.moe.num_experts)  # C = S * k: nothing dropped
   if router == "expert_choice":
     m.moe.eval_capacity_factor = 2.0  # expert choice: c = 2 S / E tokens per expert, all kept

@@ -103,3 +103,13 @@ def test_dcn_default_puts_hosts_on_data():
 def test_dcn_errors(shape, dcn, hosts, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     mesh_lib.resolve_dcn_shape(shape, dcn, hosts)
+
+
+def test_hosts_only_on_axes_that_split_the_batch():
+  """Hosts on `tensor` would hold the same batch rows and have to feed identical data."""
+  batch_axes = ("data", "fsdp", "expert")
+  dcn = dict(data=1, fsdp=1, expert=1, tensor=2)
+  with pytest.raises(config_lib.ConfigError, match=r"spreads hosts over \['tensor'\]"):
+    mesh_lib.resolve_dcn_shape(_shape(data=2, tensor=2), dcn, 2, batch_axes)
+  dcn = dict(data=1, fsdp=2, expert=1, tensor=1)  # fsdp splits the batch: fine
+  assert mesh_lib.resolve_dcn_shape(_shape(fsdp=2, tensor=2), dcn, 2, batch_axes)["fsdp"] == 2

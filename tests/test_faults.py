@@ -275,11 +275,24 @@ def test_nonfinite_skip_leaves_state_unchanged_and_counts(clean_run, corpus, tmp
   assert np.isnan(poisoned["losses"][3])
   assert [poisoned["losses"][s] for s in (1, 2)] == [clean_losses[s] for s in (1, 2)]
   assert all(np.isfinite(poisoned["losses"][s]) for s in range(4, 9))
-  # Step 3's update was not applied: everything but the step counter is the state after step 2.
-  after_2, after_3 = _saved_state(clean_work, 2), _saved_state(tmp_path / "run", 3)
+  # Step 3's update was not applied: everything but the step counter is, bit for bit, the state
+  # the same run saved after step 2.
+  after_2, after_3 = _saved_state(tmp_path / "run", 2), _saved_state(tmp_path / "run", 3)
   assert int(after_2.pop("step")) == 2 and int(after_3.pop("step")) == 3
   for x, y in zip(jax.tree.leaves(after_2), jax.tree.leaves(after_3), strict=True):
     np.testing.assert_array_equal(x, y)
+  # Before the poison the run follows the clean run, to rounding: the select that keeps the old
+  # state changes XLA's fusion of the optimizer update (with jax 0.12 on CPU the param-update
+  # loop recomputes the Adam moments instead of reading the stored ones, and that copy rounds
+  # differently: 1 ulp in a few entries of one matrix). A separately compiled program gives no
+  # bit-for-bit promise.
+  clean_2 = _saved_state(clean_work, 2)
+  assert int(clean_2.pop("step")) == 2
+  for x, y in zip(jax.tree.leaves(clean_2), jax.tree.leaves(after_2), strict=True):
+    if np.issubdtype(x.dtype, np.floating):
+      np.testing.assert_array_max_ulp(x, y, maxulp=2)
+    else:
+      np.testing.assert_array_equal(x, y)
   lines = metrics_lib.read_metrics(str(tmp_path / "run"))
   logged = {m["step"]: m for m in lines if "loss" in m}
   assert logged[2][faults.SKIPPED_KEY] == 0 and logged[3][faults.SKIPPED_KEY] == 1

@@ -1,13 +1,21 @@
-"""Hash Layers routing: the random and balanced tables and route_hash."""
+"""Hash Layers routing: the random and balanced tables, route_hash, the hash router through the
+MoE layer and the token-counts tool."""
 
+import collections
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from moejax import token_counts
+from moejax.data import pipeline
 from moejax.model.routers import hash_layers as hash_router
+from moejax.model.transformer import Transformer
+from tests.family_configs import family_config, write_counts
+from tests.helpers import tiny_config, write_corpus
 
 route = jax.jit(hash_router.route_hash, static_argnames=("num_experts",))
 
@@ -107,3 +115,72 @@ def test_route_hash_vmaps_over_groups():
     single = route(ids_gs[g], table, num_experts=3)
     np.testing.assert_array_equal(batched.expert_index[g], single.expert_index)
     np.testing.assert_allclose(batched.metrics["expert_load"][g], single.metrics["expert_load"])
+
+
+def test_random_table_is_the_hash_of_every_id():
+  ids = np.arange(5000)
+  for seed in (0, 42):
+    np.testing.assert_array_equal(
+      hash_router.random_hash_table(5000, 7, seed),
+      hash_router.hash_experts(jnp.asarray(ids), 7, seed),
+    )
+
+
+def test_ids_beyond_the_table_use_the_random_hash():
+  table = jnp.asarray([3, 3, 3], jnp.int32)
+  ids = jnp.asarray([0, 2, 3, 17, 1000])
+  routing = route(ids, table, num_experts=4)
+  expected = [3, 3, *np.asarray(hash_router.hash_experts(ids[2:], 4))]
+  np.testing.assert_array_equal(routing.expert_index, expected)
+
+
+def _expert_ffn(bank, e, x_d):
+  """One token through expert e of an ExpertBank, in float64 (GELU, no gate)."""
+  w_in, w_out = (np.asarray(bank.weights()[k][e], np.float64) for k in ("w_in", "w_out"))
+  h = np.asarray(jax.nn.gelu(jnp.asarray(np.asarray(x_d, np.float64) @ w_in)), np.float64)
+  return h @ w_out
+
+
+@pytest.mark.parametrize("table", ["random", "balanced"])
+def test_moe_layer_sends_each_token_to_its_ids_expert(table, tmp_path):
+  """Per token: y = expert_{table[id]}(x) with weight 1 (dropless: nothing dropped)."""
+  cfg = family_config("hash")
+  cfg.model.moe.dispatch = "dropless"
+  if table == "balanced":
+    cfg.model.moe.hash.table = "balanced"
+    cfg.model.moe.hash.token_counts = write_counts(tmp_path / "c.npy", 300)  # ids >= 300: hash
+  layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+  tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, cfg.model.vocab_size)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 64))
+  y, losses, metrics = layer(x, train=True, rng=None, token_ids_bl=tokens)
+  assert losses == {}
+  ids = np.asarray(tokens).reshape(-1)
+  if table == "balanced":
+    counts = np.load(tmp_path / "c.npy")
+    lookup = hash_router.balanced_hash_table(counts, 4)
+    np.testing.assert_array_equal(layer.router.table[...], lookup)
+    experts = [lookup[i] if i < 300 else int(hash_router.hash_experts(i, 4)) for i in ids]
+  else:
+    experts = hash_router.random_hash_table(cfg.model.vocab_size, 4)[ids]
+  expected = np.stack(
+    [_expert_ffn(layer.experts, e, x_d) for e, x_d in zip(experts, x.reshape(-1, 64), strict=True)]
+  )
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 64), expected, atol=1e-4, rtol=1e-4)
+  load = np.bincount(experts, minlength=4) / len(experts)
+  np.testing.assert_allclose(metrics["expert_load"], load, atol=1e-6)
+
+
+def test_token_counts_of_the_training_split(tmp_path):
+  """The counts tool counts exactly the training blocks' input ids (a python Counter here)."""
+  cfg = tiny_config(write_corpus(tmp_path, num_files=2, words_per_file=2000))
+  workdir = str(tmp_path / "run")
+  counts = token_counts.write_counts(cfg, workdir, str(tmp_path / "out" / "counts.npy"))
+  np.testing.assert_array_equal(np.load(tmp_path / "out" / "counts.npy"), counts)
+  data = pipeline.build_dataset(cfg.data, workdir=workdir, vocab_size=512, seq_len=32)
+  reference = collections.Counter(np.asarray(data.train_blocks)[:, :-1].reshape(-1).tolist())
+  assert counts.shape == (512,) and counts.dtype == np.int64
+  assert {i: int(c) for i, c in enumerate(counts) if c} == dict(reference)
+  assert counts.sum() == data.train_blocks.shape[0] * 32
+  # Deterministic: a second call (same workdir, same tokenizer) writes the same counts.
+  again = token_counts.write_counts(cfg, workdir, str(tmp_path / "again.npy"))
+  np.testing.assert_array_equal(again, counts)

@@ -3,11 +3,11 @@
 Every `import` and `from ... import` counts, function-local and TYPE_CHECKING ones included.
 Layers (docs/ARCHITECTURE.md), lowest first; a module may import its own layer or lower ones:
   0 leaves: errors, paths, sharding, ops/ (pure jax: never the model)
-  1 building blocks: model/, data/ (never model/ or ops/), mesh, memory, distributed,
+  1 building blocks: model/, data/ (never model/ or ops/), mesh, config_mesh, memory, distributed,
     checkpoint, metrics, optim, faults
   2 config_lib, train_step, decode, cli
   3 restore, recipes, upcycle, training, dry_run
-  4 commands: train, evaluate, generate, plot (nothing imports them)
+  4 commands: train, evaluate, generate, plot, token_counts (nothing imports them)
   5 proj/ (research projects: the core never imports them)
 """
 
@@ -26,6 +26,7 @@ LAYERS = [
   ("moejax.model", 1),
   ("moejax.data", 1),
   ("moejax.mesh", 1),
+  ("moejax.config_mesh", 1),
   ("moejax.memory", 1),
   ("moejax.distributed", 1),
   ("moejax.checkpoint", 1),
@@ -45,9 +46,16 @@ LAYERS = [
   ("moejax.evaluate", 4),
   ("moejax.generate", 4),
   ("moejax.plot", 4),
+  ("moejax.token_counts", 4),
   ("moejax.proj", 5),
 ]
-COMMANDS = ("moejax.train", "moejax.evaluate", "moejax.generate", "moejax.plot")
+COMMANDS = (
+  "moejax.train",
+  "moejax.evaluate",
+  "moejax.generate",
+  "moejax.plot",
+  "moejax.token_counts",
+)
 
 
 def _modules() -> dict[str, pathlib.Path]:

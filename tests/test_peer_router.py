@@ -1,13 +1,21 @@
-"""PEER: product-key retrieval, the multi-head single-neuron layer, query batch norm, memory."""
+"""PEER: product-key retrieval, the multi-head single-neuron layer, query batch norm, memory;
+the `peer` router through the MoE layer, and the 65,536-expert tiny preset's train step."""
 
+import importlib.util
+import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from moejax import config_lib, optim, train_step
+from moejax.model import routers
 from moejax.model.routers import peer
+from moejax.model.transformer import Transformer
+from tests.family_configs import family_config
 
 topk = jax.jit(peer.product_key_topk, static_argnums=(3,))
 forward = jax.jit(peer.peer_forward, static_argnames=("top_k", "activation"))
@@ -227,3 +235,94 @@ def test_65536_experts_never_build_a_tokens_by_experts_array():
     .compile()
   )
   assert largest_buffer_bytes(brute_compiled) >= dense_bytes
+
+
+def _brute_force_layer(x_btd, layer, train: bool):
+  """Per group, token and head in float64: the query and its norm (this group's statistics
+  when training, the running ones otherwise), the scores of ALL E keys, a full sort, softmax
+  over the best K, GELU neurons."""
+  router = layer.router
+  heads, query = router.options.num_heads, router.options.query_dim
+  x_gsd = np.asarray(layer.to_groups(x_btd), np.float64)
+  raw = np.einsum("gsd,dq->gsq", x_gsd, np.asarray(router.w_query[...], np.float64))
+  raw = raw.reshape(*x_gsd.shape[:2], heads, query)
+  if train:
+    mean, var = raw.mean(axis=1, keepdims=True), raw.var(axis=1, keepdims=True)
+  else:
+    mean, var = np.asarray(router.running_mean[...]), np.asarray(router.running_var[...])
+  q = (raw - mean) / np.sqrt(var + peer.BN_EPS) * np.asarray(router.norm_scale[...])
+  q = q + np.asarray(router.norm_bias[...])
+  keys = full_keys(router.first_keys[...], router.second_keys[...])
+  down = np.asarray(layer.experts.w_in[...], np.float64)[:, :, 0]
+  up = np.asarray(layer.experts.w_out[...], np.float64)[:, 0, :]
+  y = np.zeros_like(x_gsd)
+  for g, s in np.ndindex(*x_gsd.shape[:2]):
+    for h in range(heads):
+      scores = keys[h] @ q[g, s, h]
+      best = np.argsort(-scores, kind="stable")[: router.top_k]
+      gates = np.exp(scores[best] - scores[best].max())
+      gates /= gates.sum()
+      act = np.asarray(jax.nn.gelu(jnp.asarray(down[best] @ x_gsd[g, s])), np.float64)
+      y[g, s] += (gates * act) @ up[best]
+  return y, raw
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_moe_layer_equals_brute_force_retrieval(train):
+  cfg = family_config("peer")  # E = 16 (R = 4), K = 2, H = 2, Q = 8, groups of 8 sequences
+  cfg.model.moe.peer.init_std = 0.5
+  cfg.model.moe.peer.token_chunk = 48  # chunks that do not divide the 256 tokens: padding
+  layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+  if not train:  # non-trivial running statistics
+    layer.router.running_mean[...] = 0.1 * jnp.arange(16.0).reshape(2, 8)
+    layer.router.running_var[...] = 1.0 + 0.05 * jnp.arange(16.0).reshape(2, 8)
+  x = jax.random.normal(jax.random.key(0), (8, 32, 64))
+  expected, raw = _brute_force_layer(x, layer, train)
+  before = np.asarray(layer.router.running_mean[...])
+  y, losses, metrics = layer(x, train=train, rng=None)
+  np.testing.assert_allclose(np.asarray(layer.to_groups(y)), expected, atol=1e-4, rtol=1e-4)
+  assert losses == {} and 0 < float(metrics["retrieval_usage"]) <= 1
+  new_mean = np.asarray(layer.router.running_mean[...])
+  if train:  # momentum 0.99 toward the mean over groups of the group means
+    np.testing.assert_allclose(new_mean, 0.99 * before + 0.01 * raw.mean(axis=(0, 1)), atol=1e-6)
+  else:
+    np.testing.assert_array_equal(new_mean, before)
+
+
+def _tiny_peer_config():
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "peer.py"
+  spec = importlib.util.spec_from_file_location("peer_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+def test_tiny_preset_with_65536_experts_trains_without_a_tokens_by_experts_buffer():
+  """configs/peer.py:tiny (E = 256^2 per layer, 2048 tokens a step): the compiled train step's
+  largest buffer is far below one float32 [tokens, E] matrix, and three steps train (the first
+  at learning rate 0, the start of the warmup)."""
+  cfg = _tiny_peer_config()
+  assert cfg.model.moe.num_experts == 65536
+  config_lib.validate(cfg, 1)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = train_step.new_train_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), opt, 0)
+  schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
+  step = jax.jit(
+    train_step.make_train_step(graphdef, opt, routers.loss_weights(cfg.model.moe), schedule)
+  )
+  shape = (cfg.train.batch_size, cfg.train.seq_len)
+  tokens = jax.random.randint(jax.random.key(0), (shape[0], shape[1] + 1), 0, cfg.model.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  compiled = step.lower(state, batch).compile()
+  dense_bytes = shape[0] * shape[1] * cfg.model.moe.num_experts * 4  # 512 MiB
+  largest = largest_buffer_bytes(compiled)
+  table_bytes = cfg.model.moe.num_experts * cfg.model.d_model * 4  # one [E, D] table: 64 MiB
+  assert largest <= table_bytes, (largest, table_bytes)
+  assert largest * 8 <= dense_bytes
+  losses = []
+  for _ in range(3):
+    state, metrics = compiled(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)) and losses[2] < losses[0], losses

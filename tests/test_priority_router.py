@@ -1,14 +1,21 @@
-"""Batch-prioritized routing: capacity to the most confident tokens first, as flaxformer does."""
+"""Batch-prioritized routing: capacity to the most confident tokens first, as flaxformer does;
+the switch option `batch_prioritized` through the MoE layer; evaluation without capacity drops
+(`model.moe.eval_dispatch`)."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from moejax.model import routers
 from moejax.model.routers import base, priority, top_k
+from moejax.model.transformer import Transformer
 from moejax.ops import capacity
+from tests.helpers import tiny_config
 
 route_top_k = jax.jit(top_k.route_top_k, static_argnames=("top_k",))
 
@@ -152,3 +159,78 @@ def test_rank_major_routing_hand_case():
   np.testing.assert_allclose(routing.combine_weight, [0.7, 0.6, 0.2, 0.3])
   np.testing.assert_array_equal(routing.valid, [True, True, True, False])
   assert routing.expert_index.dtype == jnp.int32 and routing.combine_weight.dtype == jnp.float32
+
+
+def _switch_layer(top_k_=2, **moe_values):
+  cfg = tiny_config("unused")
+  moe = cfg.model.moe
+  moe.top_k, moe.group_size = top_k_, 16
+  for key, value in moe_values.items():
+    moe[key] = value
+  moe.switch.init_std = 1.0  # confident, uneven routing: capacity pressure
+  return cfg, Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_switch_option_keeps_flaxformers_pairs_in_the_layer(k):
+  cfg, layer = _switch_layer(k, capacity_factor=1.0)
+  layer.router.options = dataclasses.replace(layer.router.options, batch_prioritized=True)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+  x_gsd, routing = layer.route(x, train=True, rng=None)
+  kept = layer.kept_pairs(routing, train=True)
+  cap = layer.capacity(16, train=True)
+  logits = np.asarray(x_gsd, np.float64) @ np.asarray(layer.router.kernel[...], np.float64)
+  for g in range(x_gsd.shape[0]):
+    probs = np.exp(logits[g]) / np.exp(logits[g]).sum(-1, keepdims=True)
+    got = {
+      (int(t), int(e)): float(w)
+      for t, e, w, ok in zip(
+        routing.token_index[g],
+        routing.expert_index[g],
+        routing.combine_weight[g],
+        kept[g],
+        strict=True,
+      )
+      if ok
+    }
+    expected = reference_flaxformer(probs, k, cap)
+    assert got.keys() == expected.keys()
+    assert len(got) < 16 * k  # capacity pressure
+  # The layer's output is the kept pairs' weighted expert outputs: compare with priority off.
+  y_prioritized, _, _ = layer(x, train=True, rng=None)
+  layer.router.options = dataclasses.replace(layer.router.options, batch_prioritized=False)
+  y_plain, _, _ = layer(x, train=True, rng=None)
+  assert not np.allclose(y_prioritized, y_plain)
+
+
+def test_batch_prioritized_is_declared_non_causal_with_capacity():
+  cls = routers.get("switch")
+  opts = cls.Options(batch_prioritized=True)
+  settings = lambda **kw: base.MoESettings(num_experts=4, top_k=1, group_size=16, **kw)
+  assert not cls.causal_in_sequence(opts, settings())
+  assert not cls.causal_in_sequence(opts, settings(dispatch="all_to_all"))
+  assert cls.causal_in_sequence(opts, settings(dispatch="dropless"))
+  assert cls.causal_in_sequence(cls.Options(), settings())
+
+
+def test_eval_dispatch_dropless_removes_evaluation_drops():
+  """With capacity factor 1 at evaluation, the capacity dispatch drops pairs; with
+  model.moe.eval_dispatch='dropless' nothing is dropped and the output equals the capacity
+  dispatch given room for every pair; training keeps its capacity dispatch."""
+  x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+  results = {}
+  for label, values in {
+    "drops": dict(capacity_factor=1.0, eval_capacity_factor=1.0),
+    "dropless_eval": dict(capacity_factor=1.0, eval_capacity_factor=1.0, eval_dispatch="dropless"),
+    "room": dict(eval_capacity_factor=4.0),
+  }.items():
+    _, layer = _switch_layer(2, **values)
+    y, _, metrics = layer(x, train=False, rng=None)
+    results[label] = (np.asarray(y), float(metrics["dropped_fraction"]))
+    if label == "dropless_eval":
+      _, _, train_metrics = layer(x, train=True, rng=None)
+      assert float(train_metrics["dropped_fraction"]) > 0  # training still has capacity
+  assert results["drops"][1] > 0.05
+  assert results["dropless_eval"][1] == 0.0 and results["room"][1] == 0.0
+  np.testing.assert_allclose(results["dropless_eval"][0], results["room"][0], atol=1e-5)
+  assert not np.allclose(results["drops"][0], results["room"][0], atol=1e-3)

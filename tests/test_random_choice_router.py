@@ -1,4 +1,6 @@
-"""THOR: uniformly random experts at three draw levels, and the symmetric-KL consistency term."""
+"""THOR: uniformly random experts at three draw levels, the symmetric-KL consistency term, and
+the `random` router through the MoE layer (per-sequence draws across groups, the evaluation
+choices) and the two-pass train step."""
 
 import functools
 import math
@@ -7,8 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from moejax import optim, train_step
+from moejax.model import routers
 from moejax.model.routers import random_choice
+from moejax.model.transformer import Transformer
+from tests.family_configs import family_config
 
 route = jax.jit(random_choice.route_random, static_argnums=(0, 1), static_argnames=("level",))
 symmetric_kl = jax.jit(random_choice.symmetric_kl)
@@ -133,3 +140,98 @@ def test_symmetric_kl_matches_per_position_loop_and_is_symmetric():
 def test_symmetric_kl_rejects_mismatched_shapes():
   with pytest.raises(ValueError, match="shapes differ"):
     random_choice.symmetric_kl(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+
+
+def _layer(layout="sequence", group_size=16, **options):
+  cfg = family_config("random")
+  cfg.model.moe.group_layout, cfg.model.moe.group_size = layout, group_size
+  for key, value in options.items():
+    cfg.model.moe.random[key] = value
+  return Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+
+
+def _experts_per_sequence(layer, routing):
+  """{global batch row: set of experts its tokens went to} from a layer's routing."""
+  rows = layer.to_groups(jnp.broadcast_to(jnp.arange(8)[:, None], (8, 32)))
+  out = {}
+  token_rows = np.take_along_axis(np.asarray(rows), np.asarray(routing.token_index), axis=1)
+  experts = np.asarray(routing.expert_index).reshape(-1)
+  for row, expert in zip(token_rows.reshape(-1), experts, strict=True):
+    out.setdefault(int(row), set()).add(int(expert))
+  return out
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_one_expert_per_sequence_in_every_layout(train):
+  """A sequence spans 2 groups ('sequence', S = 16 < L = 32) or 32 ('position'): its tokens
+  share one draw, the same in both layouts; evaluation draws from the fixed key."""
+  x = jnp.zeros((8, 32, 64))
+  ids = jnp.zeros((8, 32), jnp.int32)
+  rng = jax.random.key(5)
+  draws = {}
+  for layout, group_size in (("sequence", 16), ("position", 4)):
+    layer = _layer(layout, group_size)
+    _, routing = layer.route(x, train=train, rng=rng, token_ids_bl=ids)
+    per_sequence = _experts_per_sequence(layer, routing)
+    assert all(len(experts) == 1 for experts in per_sequence.values())
+    draws[layout] = {row: experts.pop() for row, experts in per_sequence.items()}
+  assert draws["sequence"] == draws["position"]
+  key = rng if train else jax.random.wrap_key_data(layer.router.eval_key[...])
+  expected = random_choice.draw_experts(8, 4, key, level="sequence", sequence_ids_s=jnp.arange(8))
+  assert [draws["sequence"][b] for b in range(8)] == np.asarray(expected).tolist()
+  assert len(set(draws["sequence"].values())) > 1
+
+
+def test_token_level_and_pass_keys_differ():
+  layer = _layer(level="token")
+  x, ids = jnp.zeros((8, 32, 64)), jnp.zeros((8, 32), jnp.int32)
+  _, first = layer.route(x, train=True, rng=jax.random.key(0), token_ids_bl=ids)
+  per_sequence = _experts_per_sequence(layer, first)
+  assert max(len(e) for e in per_sequence.values()) > 1  # tokens of a sequence differ
+  _, second = layer.route(x, train=True, rng=jax.random.key(1), token_ids_bl=ids)
+  assert np.mean(np.asarray(first.expert_index) != np.asarray(second.expert_index)) > 0.5
+
+
+def test_ensemble_evaluation_is_the_mean_of_all_experts():
+  layer = _layer(eval_choice="ensemble")
+  x = jax.random.normal(jax.random.key(0), (8, 32, 64))
+  y, _, metrics = layer(x, train=False, rng=None, token_ids_bl=jnp.zeros((8, 32), jnp.int32))
+  w = {
+    k: np.asarray(v, np.float64)
+    for k, v in layer.experts.weights().items()
+    if k[0] == "w" and v is not None
+  }
+  x64 = np.asarray(x, np.float64).reshape(-1, 64)
+  outs = [
+    np.asarray(jax.nn.gelu(jnp.asarray(x64 @ w["w_in"][e]))) @ w["w_out"][e] for e in range(4)
+  ]
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 64), np.mean(outs, axis=0), atol=1e-4)
+  np.testing.assert_allclose(metrics["expert_load"], [0.25] * 4)
+
+
+def test_train_step_runs_two_passes_with_the_consistency_term():
+  """The step's cross-entropy is CE(pass 1) + CE(pass 2) and `consistency_loss` is the
+  symmetric KL of the two passes' logits, recomputed here from the step's keys."""
+  cfg = family_config("random")
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = train_step.new_train_state(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), opt, 3)
+  passes = routers.consistency(cfg.model.moe)
+  step = train_step.make_train_step(
+    graphdef, opt, {}, optim.learning_rate_schedule(cfg.optim, 8), consistency=passes
+  )
+  tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, cfg.model.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  _, metrics = jax.jit(step)(state, batch)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
+  forward = nnx.merge(graphdef, params, rest)
+  first, _ = forward(batch["inputs"], train=True, rng=rng)
+  second, _ = forward(batch["inputs"], train=True, rng=jax.random.fold_in(rng, 1))
+  assert not np.allclose(first, second)  # different draws
+  ce = train_step.cross_entropy(first, batch["targets"])
+  ce = ce + train_step.cross_entropy(second, batch["targets"])
+  np.testing.assert_allclose(metrics["cross_entropy"], ce, rtol=1e-5)
+  kl = random_choice.symmetric_kl(first, second)
+  np.testing.assert_allclose(metrics["consistency_loss"], kl, rtol=1e-4)
+  np.testing.assert_allclose(metrics["loss"], ce + 1.0 * kl, rtol=1e-5)

@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moejax.model.routers import smear
+from moejax.model.transformer import Transformer
+from tests.family_configs import family_config
 
 router_probs = jax.jit(smear.smear_router_probs, static_argnames=("level",))
 merged_ffn = jax.jit(smear.smear_merged_ffn, static_argnames=("activation",))
@@ -152,3 +155,53 @@ def test_rejects_unknown_level():
   params = random_router(np.random.default_rng(0), 2, 2)
   with pytest.raises(ValueError, match="level='token'"):
     smear.smear_router_probs(jnp.zeros((3, 2)), **params, level="token")
+
+
+@pytest.mark.parametrize("level", ["causal", "example"])
+def test_moe_layer_merges_per_sequence_whatever_the_group_size(level):
+  """The smear layer on [8, 32] tokens with groups of 16 (a sequence spans two groups) and of 64
+  (two sequences per group) equals a per-token loop: u = (running) mean of the token's own
+  sequence, p = softmax(LN(u) W + b), one expert with weights sum_e p_e W_e."""
+  x = jax.random.normal(jax.random.key(0), (8, 32, 64))
+  ids = jnp.zeros((8, 32), jnp.int32)
+  outputs = []
+  for group_size in (16, 64):
+    cfg = family_config("smear")
+    cfg.model.moe.group_size, cfg.model.moe.smear.level = group_size, level
+    cfg.model.moe.smear.init_std = 0.5  # decisive merge weights
+    layer = Transformer(cfg.model, rngs=nnx.Rngs(0)).blocks[1].ffn
+    y, losses, _ = layer(x, train=True, rng=None, token_ids_bl=ids)
+    assert losses == {}
+    outputs.append(np.asarray(y))
+  router = layer.router
+  params = dict(
+    w_router_de=router.kernel[...],
+    b_router_e=router.bias[...],
+    ln_scale_d=router.ln_scale[...],
+    ln_bias_d=router.ln_bias[...],
+  )
+  w = {
+    k: np.asarray(v, np.float64)
+    for k, v in layer.experts.weights().items()
+    if k[0] == "w" and v is not None
+  }
+  expected = np.zeros((8, 32, 64))
+  for b in range(8):
+    probs = reference_probs(x[b], np.ones(32, bool), params, causal=level == "causal")
+    assert probs.max() > 0.5  # the merge is far from uniform
+    for t in range(32):
+      w_in = np.einsum("e,edf->df", probs[t], w["w_in"])
+      w_out = np.einsum("e,efd->fd", probs[t], w["w_out"])
+      h = np.asarray(jax.nn.gelu(jnp.asarray(np.asarray(x[b, t], np.float64) @ w_in)))
+      expected[b, t] = h @ w_out
+  for y in outputs:
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_sequence_mean_resets_at_every_sequence():
+  x = jnp.arange(12.0).reshape(6, 2)
+  ids = jnp.array([4, 4, 4, 9, 9, 2])
+  causal = smear.sequence_mean(x, ids, causal=True)
+  np.testing.assert_allclose(causal[:, 0], [0, 1, 2, 6, 7, 10])
+  whole = smear.sequence_mean(x, ids, causal=False)
+  np.testing.assert_allclose(whole[:, 0], [2, 2, 2, 7, 7, 10])

@@ -13,7 +13,7 @@ from moejax import sharding
 from moejax.model.layers import activation_fn, param
 
 _W_AXES = ("expert", "expert_embed", "expert_mlp")
-_BUF_AXES = ("group", "act_expert", "capacity")
+_BUF_AXES = ("expert_group", "act_expert", "capacity")
 
 
 class ExpertBank(nnx.Module):
@@ -78,7 +78,7 @@ class ExpertBank(nnx.Module):
 # The experts run on [E, N = G*C, D]: one matmul per expert over the slots of all groups, which
 # XLA:CPU runs markedly faster than the [G, E, C, D] einsum, mostly in the backward
 # (docs/PERFORMANCE.md).
-_ROW_AXES = ("act_expert", "group", "act_mlp")
+_ROW_AXES = ("act_expert", "expert_group", "act_mlp")
 
 
 def _to_rows(buf_gecd):

@@ -17,6 +17,7 @@ that routing) and `from_groups` (back to [B, L, ...]).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,15 +27,20 @@ from flax import nnx
 from moejax import sharding
 from moejax.model.experts import ExpertBank
 from moejax.model.routers import base
-from moejax.ops import all_to_all, capacity, dropless, soft
+from moejax.ops import all_to_all, capacity, dropless_dispatch, soft
 
 # Dispatch implementations of sparse routing, by `model.moe.dispatch`.
 DISPATCHES = {
   "capacity": capacity.capacity_moe,
-  "dropless": dropless.dropless_moe,
+  "dropless": dropless_dispatch.dropless_moe,
   "all_to_all": all_to_all.all_to_all_moe,
 }
 GROUP_LAYOUTS = ("sequence", "position")
+# The per-group arrays (leading G axis) of each routing type.
+_ROUTING_FIELDS = {
+  base.SoftRouting: ("dispatch_weights", "combine_weights"),
+  base.SparseRouting: ("token_index", "expert_index", "combine_weight", "valid"),
+}
 
 
 class MoELayer(nnx.Module):
@@ -74,7 +80,20 @@ class MoELayer(nnx.Module):
       rows_bl = jnp.broadcast_to(rows, x_bld.shape[:2])
       extra["token_ids"] = self.to_groups(token_ids_bl.astype(jnp.int32))
       extra["sequence_ids"] = self.to_groups(rows_bl)
-    return x_gsd, self.router(x_gsd, train=train, rng=rng, **extra)
+    routing = self.router(x_gsd, train=train, rng=rng, **extra)
+    return x_gsd, self._constrain_routing(routing)
+
+  def _constrain_routing(self, routing):
+    """Every per-group routing array stays where its group lives (no gathered routing)."""
+    fields = _ROUTING_FIELDS.get(type(routing))
+    if fields is None:
+      return routing
+    names = lambda a: ("group",) + (None,) * (a.ndim - 1)
+    updates = {
+      f: sharding.constrain(getattr(routing, f), names(getattr(routing, f)), self.rules)
+      for f in fields
+    }
+    return dataclasses.replace(routing, **updates)
 
   def capacity(self, num_tokens: int, *, train: bool) -> int:
     """Slots per expert per group of `num_tokens` for the capacity dispatches."""
@@ -98,26 +117,48 @@ class MoELayer(nnx.Module):
     token_ids_bl: int32 [B, L] the model's input ids (needed by routers that READS_TOKENS).
     """
     x_gsd, routing = self.route(x_bld, train=train, rng=rng, token_ids_bl=token_ids_bl)
-    num_experts = self.settings.num_experts
     if self.router.COMPUTES_OUTPUT:
       y_gsd, dispatch_metrics = self.router.compute(x_gsd, routing, self.experts, train=train)
-    elif isinstance(routing, base.SoftRouting):
-      y_gsd, dispatch_metrics = soft.soft_moe(
-        x_gsd, routing, self.experts, num_experts=num_experts, rules=self.rules
-      )
     else:
-      y_gsd, dispatch_metrics = DISPATCHES[self.settings.dispatch_for(train)](
-        x_gsd,
-        routing,
-        self.experts,
-        num_experts=num_experts,
-        capacity=self.capacity(x_gsd.shape[1], train=train),
-        rules=self.rules,
-      )
+      y_gsd, dispatch_metrics = self._dispatch(x_gsd, routing, train=train)
     y = self.from_groups(y_gsd, x_bld.shape)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x_bld)
     return y, routing.aux_losses, {**routing.metrics, **dispatch_metrics}
+
+  def _dispatch(self, x_gsd, routing, *, train: bool):
+    """(y_gsd, metrics) from the configured dispatch, on groups padded to the group shards.
+
+    Training shapes always split evenly (config_lib refuses others); a prompt or an evaluation
+    of another length may not, so empty groups (no valid pair, zero weights) are appended and
+    their outputs cut off again: every dispatch keeps running where each group lives.
+    """
+    num_groups = x_gsd.shape[0]
+    pad = -num_groups % sharding.group_shards(self.rules)
+    if pad:
+      pad_groups = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+      fields = _ROUTING_FIELDS[type(routing)]
+      updates = {f: pad_groups(getattr(routing, f)) for f in fields}
+      routing = self._constrain_routing(dataclasses.replace(routing, **updates))
+      x_gsd = sharding.constrain(pad_groups(x_gsd), ("group", None, "act_embed"), self.rules)
+    num_experts = self.settings.num_experts
+    if isinstance(routing, base.SoftRouting):
+      y_gsd, metrics = soft.soft_moe(
+        x_gsd, routing, self.experts, num_experts=num_experts, rules=self.rules
+      )
+    else:
+      dispatch = self.settings.dispatch_for(train)
+      extra = {"exchange_factor": self.settings.exchange_factor} if dispatch == "dropless" else {}
+      y_gsd, metrics = DISPATCHES[dispatch](
+        x_gsd,
+        routing,
+        self.router.dispatch_experts(self.experts),
+        num_experts=num_experts,
+        capacity=self.capacity(x_gsd.shape[1], train=train),
+        rules=self.rules,
+        **extra,
+      )
+    return y_gsd[:num_groups], metrics
 
   def to_groups(self, x_bld):
     """[B, L, ...] -> [G, S, ...] in the configured group layout."""

@@ -111,7 +111,10 @@ class Transformer(nnx.Module):
       (logits float32 [batch, length, vocab], or hidden [batch, length, d_model] in the compute
       dtype); aux = {"losses": {name: sum over MoE layers}, "metrics": {"layer_{i}/{name}": array}}.
     """
-    x = jnp.take(self.embed[...], tokens_bl, axis=0).astype(self.dtype)
+    # FSDP: the table's embed dimension is gathered first, so the lookup (and, in the backward,
+    # the scatter into its gradient) stays with this device's tokens.
+    table = sharding.constrain(self.embed[...], ("vocab", None), self.rules)
+    x = jnp.take(table, tokens_bl, axis=0).astype(self.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"), self.rules)
     run = blocks_lib.scan_layers if self.scanned else blocks_lib.run_layers
     x, losses, metrics = run(

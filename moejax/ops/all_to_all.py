@@ -13,9 +13,14 @@ Design choices:
   `ragged_all_to_all`). Bytes per exchange per shard: g * E * C * D elements, i.e.
   the capacity slack is also sent. A ragged exchange (GPU/TPU) is not implemented here.
 - Mesh axes come from the sharding rules: experts on rules["expert"] (one axis, X devices),
-  groups on rules["batch"] (which must include it).
-- Expert weights enter the shard_map as P('expert', None, None): a weight sharded on fsdp/tensor
-  (EP+FSDP+TP layouts) is all-gathered over those axes at the boundary, FSDP style.
+  groups on rules["group"] (which must include it). The shard_map is manual over the group axes
+  only: tensor-parallel axes stay automatic, so a weight sharded on `tensor` is used sharded.
+- Expert weights enter as P('expert', None, None) over the manual axes: a weight sharded on fsdp
+  is all-gathered over it at the boundary (FSDP), and its gradient summed over the data axes.
+- `capacity` makes the same exchange by resharding the buffers (GSPMD: one all-to-all each
+  way, the same bytes); `all_to_all` writes it out, which is where a ragged exchange (send only
+  the filled slots, `jax.lax.ragged_all_to_all` on GPU/TPU) goes, and it keeps the whole MoE
+  body in one explicit per-device program.
 - No mesh, or an 'expert' axis of size 1: the layer falls back to `capacity.capacity_moe`, the
   same function without the exchange, so the model means the same thing on any mesh.
 
@@ -48,17 +53,41 @@ def _expert_rows_ffn(buf_gecd, weights):
   return jnp.swapaxes(y_end.reshape(e, g, c, d), 0, 1)
 
 
+def on_expert_shards(
+  body, x_gsd, routing, weights: dict, *, group_axes, expert_axis, out_specs, check_vma: bool = True
+):
+  """`body(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, weights)` in a `shard_map` manual over
+  the group axes: each device gets its own groups' tokens and pairs and its experts' weights
+  (cast to the tokens' dtype; a dict like `ExpertBank.weights()`)."""
+  dtype = x_gsd.dtype
+  cast = {k: weights[k] if weights[k] is None else weights[k].astype(dtype) for k in _WEIGHTS}
+  g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(expert_axis, None, None)
+  specs = {k: None if v is None else w3 for k, v in cast.items()}
+
+  def local(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, local_weights):
+    local_weights = {**local_weights, "activation": weights["activation"]}
+    return body(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, local_weights)
+
+  return jax.shard_map(
+    local,
+    in_specs=(g3, g2, g2, g2, g2, specs),
+    out_specs=out_specs,
+    axis_names=set(group_axes),
+    check_vma=check_vma,
+  )(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight, routing.valid, cast)
+
+
+_WEIGHTS = ("w_in", "w_gate", "w_out")
+
+
 def _local_moe(
   x_gsd,
   token_gn,
   expert_gn,
   weight_gn,
   valid_gn,
-  w_in,
-  w_gate,
-  w_out,
+  weights,
   *,
-  activation,
   expert_axis: str,
   num_experts: int,
   capacity: int,
@@ -73,7 +102,6 @@ def _local_moe(
   )(x_gsd, token_gn, expert_gn, slot_gn, kept_gn)
   # [g, E, C, D] -> [X * g, E / X, C, D]: expert block j goes to shard j, groups stack up.
   recv = jax.lax.all_to_all(buf_gecd, expert_axis, split_axis=1, concat_axis=0, tiled=True)
-  weights = {"w_in": w_in, "w_gate": w_gate, "w_out": w_out, "activation": activation}
   out = _expert_rows_ffn(recv, weights)
   out_gecd = jax.lax.all_to_all(out, expert_axis, split_axis=0, concat_axis=1, tiled=True)
   y_gsd = jax.vmap(functools.partial(capacity_ops.combine, num_tokens=num_tokens))(
@@ -112,40 +140,26 @@ def all_to_all_moe(
     )
   if len(expert_axes) > 1:
     raise ValueError(f"dispatch 'all_to_all' needs experts on one mesh axis, got {expert_axes}")
-  # Each device owns whole groups: they are split over the mesh axes that split the batch.
-  group_axes = rules["batch"]
+  # Each device owns whole groups (split over the group axes, which include the expert axis);
+  # the shard_map is manual over those axes only, so tensor-parallel axes stay automatic.
+  group_axes = sharding.group_axes(rules)
   shards, num_groups = sharding.axes_size(mesh, group_axes), x_gsd.shape[0]
   if num_groups % shards or expert_axes[0] not in group_axes:
     raise ValueError(
       f"dispatch 'all_to_all' needs the {num_groups} routing groups to split evenly over the "
-      f"{shards} devices of the batch axes {group_axes} (which must include {expert_axes[0]!r}); "
+      f"{shards} devices of the group axes {group_axes} (which must include {expert_axes[0]!r}); "
       "change model.moe.group_size or the batch"
     )
-  weights = experts.weights()
-  dtype = x_gsd.dtype
-  w_in, w_out = weights["w_in"].astype(dtype), weights["w_out"].astype(dtype)
-  w_gate = None if weights["w_gate"] is None else weights["w_gate"].astype(dtype)
-  g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(expert_axes[0], None, None)
   body = functools.partial(
-    _local_moe,
-    activation=weights["activation"],
-    expert_axis=expert_axes[0],
-    num_experts=num_experts,
-    capacity=capacity,
+    _local_moe, expert_axis=expert_axes[0], num_experts=num_experts, capacity=capacity
   )
-  y_gsd, kept_gn = jax.shard_map(
+  y_gsd, kept_gn = on_expert_shards(
     body,
-    mesh=mesh,
-    in_specs=(g3, g2, g2, g2, g2, w3, None if w_gate is None else w3, w3),
-    out_specs=(g3, g2),
-  )(
     x_gsd,
-    routing.token_index,
-    routing.expert_index,
-    routing.combine_weight,
-    routing.valid,
-    w_in,
-    w_gate,
-    w_out,
+    routing,
+    experts.weights(),
+    group_axes=group_axes,
+    expert_axis=expert_axes[0],
+    out_specs=(P(group_axes, None, None), P(group_axes, None)),
   )
   return y_gsd, {"dropped_fraction": capacity_ops.dropped_fraction(routing.valid, kept_gn)}

@@ -54,6 +54,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moejax.ops import routing
+
 # Auction epsilon schedule, in units of the (per-token shifted) score range.
 EPS_START = 3e-3
 EPS_FACTOR = 8.0
@@ -115,7 +117,7 @@ def _bid_round(a_se, price_eq, holder_eq, eps):
   token_es = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[None, :], bids_es.shape)
   cand_holder = jnp.concatenate([holder_eq, token_es], axis=1)
   # top_k keeps the lower index among equal values: an equal offer never displaces a holder.
-  price_eq, idx_eq = jax.lax.top_k(cand_price, quota)
+  price_eq, idx_eq = routing.top_k(cand_price, quota)
   return price_eq, jnp.take_along_axis(cand_holder, idx_eq, axis=1)
 
 

@@ -30,7 +30,23 @@ import jax.numpy as jnp
 from moejax import sharding
 from moejax.ops import routing as routing_lib
 
-BUFFER_AXES = ("group", "act_expert", "capacity", "act_embed")
+# Dispatch buffers [G, E, C, D]: filled where their groups live (group-sharded), then exchanged
+# so that each device holds its experts' slots of the groups of its `expert_group` (the expert
+# axes move from the G dimension to the E dimension: one all-to-all), and back after the experts.
+GROUP_BUFFER_AXES = ("group", None, "capacity", "act_embed")
+EXPERT_BUFFER_AXES = ("expert_group", "act_expert", "capacity", "act_embed")
+
+
+def exchange_to_experts(buf_gecd, rules):
+  """[G, E, C, D] group-sharded -> expert-sharded (the all-to-all of expert parallelism)."""
+  buf_gecd = sharding.constrain(buf_gecd, GROUP_BUFFER_AXES, rules)
+  return sharding.constrain(buf_gecd, EXPERT_BUFFER_AXES, rules)
+
+
+def exchange_to_groups(out_gecd, rules):
+  """The inverse of `exchange_to_experts`: expert outputs back to their groups' devices."""
+  out_gecd = sharding.constrain(out_gecd, EXPERT_BUFFER_AXES, rules)
+  return sharding.constrain(out_gecd, GROUP_BUFFER_AXES, rules)
 
 
 def token_choice_capacity(
@@ -191,19 +207,25 @@ def capacity_moe(
     stats: {"dropped_fraction": float32 scalar over all groups}.
   """
   num_tokens = x_gsd.shape[1]
-  slot_gn, kept_gn = jax.vmap(
-    functools.partial(compute_slots, num_experts=num_experts, capacity=capacity)
-  )(routing.expert_index, routing.valid)
-  buf_gecd = jax.vmap(functools.partial(dispatch, num_experts=num_experts, capacity=capacity))(
-    x_gsd, routing.token_index, routing.expert_index, slot_gn, kept_gn
+
+  def fill(x_gsd, token_gn, expert_gn, valid_gn):
+    slot_gn, kept_gn = jax.vmap(
+      functools.partial(compute_slots, num_experts=num_experts, capacity=capacity)
+    )(expert_gn, valid_gn)
+    buf_gecd = jax.vmap(functools.partial(dispatch, num_experts=num_experts, capacity=capacity))(
+      x_gsd, token_gn, expert_gn, slot_gn, kept_gn
+    )
+    return buf_gecd, slot_gn, kept_gn
+
+  buf_gecd, slot_gn, kept_gn = sharding.per_group(fill, rules)(
+    x_gsd, routing.token_index, routing.expert_index, routing.valid
   )
-  # Groups stay on the data axes and experts move to the expert axis: the all-to-all.
-  buf_gecd = sharding.constrain(buf_gecd, BUFFER_AXES, rules)
-  out_gecd = expert_fn(buf_gecd)
+  out_gecd = expert_fn(exchange_to_experts(buf_gecd, rules))
   if out_gecd.shape != buf_gecd.shape:
     raise ValueError(f"expert_fn returned {out_gecd.shape}, expected {buf_gecd.shape}")
-  out_gecd = sharding.constrain(out_gecd, BUFFER_AXES, rules)
-  y_gsd = jax.vmap(functools.partial(combine, num_tokens=num_tokens))(
+  out_gecd = exchange_to_groups(out_gecd, rules)
+  combine_groups = jax.vmap(functools.partial(combine, num_tokens=num_tokens))
+  y_gsd = sharding.per_group(combine_groups, rules)(
     out_gecd, routing.token_index, routing.expert_index, slot_gn, kept_gn, routing.combine_weight
   )
   stats = {"dropped_fraction": dropped_fraction(routing.valid, kept_gn)}

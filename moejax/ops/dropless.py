@@ -21,15 +21,10 @@ M = G * N pooled pairs, T = G * S pooled tokens, R padded rows, b rows per block
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
-from moejax import sharding
-from moejax.ops import routing as routing_lib
 
 GROUPED_MATMULS = ("blocked", "ragged_dot")
 
@@ -234,57 +229,7 @@ def dropless_pairs(
   return jnp.zeros((num_tokens, dim), jnp.float32).at[token_m].add(contrib_md)
 
 
-def dropless_moe(
-  x_gsd: jax.Array,
-  routing: routing_lib.SparseRouting,
-  experts,
-  *,
-  num_experts: int,
-  capacity: int | None = None,
-  grouped_matmul: str | None = None,
-  rules: sharding.Rules | None = None,
-):
-  """The `dropless` dispatch (same contract as `capacity.capacity_moe`; `capacity` is unused).
-
-  Args:
-    x_gsd: [G, S, D] tokens.
-    routing: SparseRouting with [G, N] fields; only `valid` pairs are computed.
-    experts: the ExpertBank (its `weights()` are used directly).
-    num_experts: E.
-    capacity: ignored (no token is dropped); accepted so every dispatch has one signature.
-    grouped_matmul: see `dropless_pairs`.
-    rules: sharding rules; the mesh is the context mesh (`jax.set_mesh`). None: one device.
-
-  Returns:
-    y_gsd in x's dtype, and stats {"dropped_fraction": 0.0}.
-  """
-  del capacity
-  weights = experts.weights()
-  # Groups are whole on a device: split over the mesh axes that split the batch.
-  group_axes = () if rules is None else rules["batch"]
-  shards = 1 if rules is None else sharding.axes_size(sharding.context_mesh(), group_axes)
-  local = functools.partial(
-    _dropless_groups, num_experts=num_experts, grouped_matmul=grouped_matmul
-  )
-  pair_arrays = (routing.token_index, routing.expert_index, routing.combine_weight, routing.valid)
-  if shards == 1 or x_gsd.shape[0] % shards:
-    y_gsd = local(x_gsd, *pair_arrays, weights)
-  else:
-    # Each device pools its own groups; the weights enter whole (all-gathered over any axis
-    # that shards them: dropless has no expert-parallel exchange, see the module docstring).
-    g3, g2 = P(group_axes, None, None), P(group_axes, None)
-    arrays = {k: v for k, v in weights.items() if k != "activation"}
-    y_gsd = jax.shard_map(
-      lambda *a: local(*a[:5], {**a[5], "activation": weights["activation"]}),
-      in_specs=(g3, g2, g2, g2, g2, {k: None if v is None else P() for k, v in arrays.items()}),
-      out_specs=g3,
-      check_vma=False,  # the blocked scan's lax.cond mixes per-device and replicated values
-    )(x_gsd, *pair_arrays, arrays)
-  stats = {"dropped_fraction": jnp.zeros((), jnp.float32)}
-  return y_gsd.astype(x_gsd.dtype), stats
-
-
-def _dropless_groups(
+def dropless_groups(
   x_gsd, token_gn, expert_gn, weight_gn, valid_gn, weights, *, num_experts, grouped_matmul
 ):
   """`dropless_pairs` on pooled groups: pair (g, n) refers to pooled token g * S + token."""

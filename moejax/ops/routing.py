@@ -73,3 +73,26 @@ def average_over_groups(routing: Routing) -> Routing:
   return dataclasses.replace(
     routing, aux_losses=mean(routing.aux_losses), metrics=mean(routing.metrics)
   )
+
+
+def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k largest entries along the last axis and their indices, like `jax.lax.top_k`.
+
+  Built on a stable sort (ties: the lower index first, as `lax.top_k`), because XLA's SPMD
+  partitioner keeps a sort sharded along the other axes while it all-gathers the operand of
+  the TopK custom call: routing on sharded groups stays where the groups live.
+
+  Args:
+    values: [..., M] numbers.
+    k: 1 <= k <= M.
+
+  Returns:
+    (values [..., k] in decreasing order, int32 indices [..., k]).
+  """
+  size = values.shape[-1]
+  if not 1 <= k <= size:
+    raise ValueError(f"top_k needs 1 <= {k=} <= {size}")
+  index = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  _, order = jax.lax.sort((-values, index), dimension=values.ndim - 1, num_keys=1, is_stable=True)
+  order = order[..., :k]
+  return jnp.take_along_axis(values, order, axis=-1), order

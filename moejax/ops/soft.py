@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import sharding
-from moejax.ops.capacity import BUFFER_AXES
+from moejax.ops import capacity
 
 
 def soft_moe(
@@ -41,10 +41,10 @@ def soft_moe(
     raise ValueError(f"{n} slots are not a multiple of {num_experts=}")
   dtype = x_gsd.dtype
   slots_gnd = jnp.einsum("gsn,gsd->gnd", routing.dispatch_weights.astype(dtype), x_gsd)
-  slots_gepd = sharding.constrain(
-    slots_gnd.reshape(g, num_experts, n // num_experts, d), BUFFER_AXES, rules
+  slots_gepd = capacity.exchange_to_experts(
+    slots_gnd.reshape(g, num_experts, n // num_experts, d), rules
   )
-  out_gepd = sharding.constrain(expert_fn(slots_gepd), BUFFER_AXES, rules)
+  out_gepd = capacity.exchange_to_groups(expert_fn(slots_gepd), rules)
   y_gsd = jnp.einsum(
     "gsn,gnd->gsd",
     routing.combine_weights.astype(jnp.float32),

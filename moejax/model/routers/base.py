@@ -12,6 +12,9 @@ needs to know about a family is declared on its class:
 - `causal_in_sequence(options, moe)`: whether a token's output is independent of later tokens of
   its routing group with the 'sequence' layout (validation refuses a non-causal decoder).
 - `READS_EXPERT_WEIGHTS`: the layer passes `experts=` (its ExpertBank) to `__call__`.
+- `dispatch_experts(experts)`: what the dispatch runs on the buffers, the layer's ExpertBank by
+  default; a family whose experts are not plain FFNs over the bank (Autonomy's low-rank gate)
+  returns an object with the bank's `__call__(buf)` and `weights()`.
 - `READS_TOKENS`: the layer passes `token_ids=` and `sequence_ids=` (int32 [G, S]: each token's
   input id and its row in the global batch) to `__call__` (hash routing, per-sequence draws).
 - `COMPUTES_OUTPUT`: the family computes the layer's output itself (`compute`: merged experts,
@@ -35,11 +38,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import errors
 from moejax.ops import capacity as capacity_lib
 from moejax.ops import routing as routing_lib
 from moejax.ops.routing import SoftRouting, SparseRouting  # noqa: F401 - re-exported for routers
 
 average_over_groups = routing_lib.average_over_groups
+top_k = routing_lib.top_k  # partitionable top-k for routers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,10 @@ class MoESettings:
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   eval_dispatch: str | None = None  # the dispatch at evaluation; None = `dispatch`
+  exchange_factor: float = 2.0  # expert-parallel dropless: per-destination send bound
+  # model.moe.d_expert as configured: the expert bank's hidden width; None = model.d_ff, which
+  # routers do not see (a family that needs the width, such as PEER's single neurons, asks for it).
+  d_expert: int | None = None
 
   def dispatch_for(self, train: bool) -> str:
     return self.dispatch if train or self.eval_dispatch is None else self.eval_dispatch
@@ -121,6 +130,10 @@ class Router(nnx.Module):
     """Slots per expert per group for the capacity dispatches."""
     raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
 
+  def dispatch_experts(self, experts):
+    """The experts the dispatch runs (`__call__(buf [G, E, C, D])` and `weights()`)."""
+    return experts
+
   def compute(self, x_gsd, routing, experts, *, train: bool):
     """(y [G, S, D], metrics) of a family with COMPUTES_OUTPUT (its own expert computation)."""
     raise NotImplementedError(f"router {self.NAME!r} leaves the output to a dispatch")
@@ -146,6 +159,24 @@ class TokenChoiceRouter(Router):
     return capacity_lib.token_choice_capacity(
       num_tokens, self.num_experts, self.top_k, capacity_factor
     )
+
+
+class DynamicTokenChoiceRouter(TokenChoiceRouter):
+  """Base of the token-choice families with 1..`options.max_experts` experts per token (top_p,
+  relu): max_experts <= E, capacity sized for model.moe.top_k, and causal in a sequence with
+  max_experts = 1 or the dropless dispatch (as top-k with k > 1 otherwise)."""
+
+  @classmethod
+  def check(cls, options, moe: MoESettings) -> None:
+    if options.max_experts > moe.num_experts:
+      raise errors.ConfigError(
+        f"model.moe.{cls.NAME}.max_experts={options.max_experts} > model.moe.num_experts="
+        f"{moe.num_experts}; use at most {moe.num_experts}"
+      )
+
+  @classmethod
+  def causal_in_sequence(cls, options, moe: MoESettings) -> bool:
+    return options.max_experts == 1 or moe.dispatch == "dropless"
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:

@@ -91,9 +91,9 @@ def _group_limit(select_se: jax.Array, num_expert_groups: int, top_expert_groups
   per_group = num_experts // num_expert_groups
   select_sgm = select_se.reshape(num_tokens, num_expert_groups, per_group)
   # A group's score: the sum of its (up to) two best selection scores.
-  best_sgm, _ = jax.lax.top_k(select_sgm, min(2, per_group))
+  best_sgm, _ = base.top_k(select_sgm, min(2, per_group))
   group_score_sg = jnp.sum(best_sgm, axis=-1)
-  _, keep_group_st = jax.lax.top_k(group_score_sg, top_expert_groups)
+  _, keep_group_st = base.top_k(group_score_sg, top_expert_groups)
   keep_sg = jnp.sum(jax.nn.one_hot(keep_group_st, num_expert_groups, dtype=jnp.int32), axis=1) > 0
   keep_se = jnp.repeat(keep_sg, per_group, axis=1)
   return jnp.where(keep_se, select_se, -jnp.inf)
@@ -132,7 +132,7 @@ def route_deepseek(
   if num_expert_groups > 1:
     select_se = _group_limit(select_se, num_expert_groups, top_expert_groups)
   # Shape: [S, K], choices by decreasing selection score.
-  _, expert_sk = jax.lax.top_k(select_se, top_k)
+  _, expert_sk = base.top_k(select_se, top_k)
   gate_sk = jnp.take_along_axis(scores_se, expert_sk, axis=-1)
   # Sigmoids are positive; the floor only guards against all k underflowing to 0.
   denom_s1 = jnp.maximum(jnp.sum(gate_sk, axis=-1, keepdims=True), 1e-30)

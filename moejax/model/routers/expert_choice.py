@@ -78,7 +78,7 @@ def route_expert_choice(logits_se: jax.Array, *, capacity: int) -> base.SparseRo
   probs_se = jax.nn.softmax(logits_se, axis=-1)
   # Shape: [E, c]: each expert's c most probable tokens, best first. The selection is not
   # differentiable; the weights are gathered from probs so that the gradient flows through them.
-  _, token_ec = jax.lax.top_k(probs_se.T, capacity)
+  _, token_ec = base.top_k(probs_se.T, capacity)
   expert_ec = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[:, None], token_ec.shape)
   weight_ec = probs_se[token_ec, expert_ec]
 

@@ -90,7 +90,7 @@ def route_gshard_top2(
   probs_se = jax.nn.softmax(logits_se, axis=-1)
   # top_k(p, 2) = (argmax p, argmax p with that expert masked); ties go to the lower index.
   # Shape: [S, 2].
-  prob_s2, expert_s2 = jax.lax.top_k(probs_se, 2)
+  prob_s2, expert_s2 = base.top_k(probs_se, 2)
   gate_s2 = prob_s2 / jnp.sum(prob_s2, axis=-1, keepdims=True)
   if second_expert_policy == "random" and rng is not None:
     uniform_s = jax.random.uniform(rng, (num_tokens,), jnp.float32)

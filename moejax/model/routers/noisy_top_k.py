@@ -92,7 +92,7 @@ def route_noisy_top_k(
     noisy_se = clean_se + jax.random.normal(rng, clean_se.shape, jnp.float32) * noise_std_se
 
   # Shape: [S, K+1] (K when K = E), sorted by decreasing noisy logit; ties go to the lower index.
-  top_vals, top_idx = jax.lax.top_k(noisy_se, min(top_k + 1, num_experts))
+  top_vals, top_idx = base.top_k(noisy_se, min(top_k + 1, num_experts))
   expert_sk = top_idx[:, :top_k]
   gate_sk = jax.nn.softmax(top_vals[:, :top_k], axis=-1)
 

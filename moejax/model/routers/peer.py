@@ -22,23 +22,32 @@ Design choices (unconfirmed in the paper, so arguments):
 Legend: T tokens, D d_model, H heads, Q query width per head, J = Q/2 (one half), R sub-keys per
 half, E = R^2 experts, K experts retrieved per head.
 
-Integration notes: the layer needs its own expert compute (no dispatch or capacity: every token
-gathers its H*K rows of U and V), the query projection W_q [D, H*Q] and the BN statistics as
-non-parameter state updated at training time. The gradient of the gathers is a scatter-add
-into dense [E, D] tables (plus optimizer moments): size E for the chip, and chunk long token
-axes (each gathered table is T*H*K*D values). Retrieval is per token, so the layer is causal in
-the 'sequence' layout at eval; at training, batch-norm statistics are computed over all tokens
-of the batch (future ones included), a weak leak through two [H, Q] statistics: offer a
-per-token norm (RMSNorm / LayerNorm) for strict causality. Decoding needs no cache beyond the
-running BN statistics (eval mode).
+Integration (`PeerRouter`, COMPUTES_OUTPUT): the pool is the layer's ExpertBank built with
+model.moe.d_expert = 1 (w_in [E, D, 1] holds the u_i, w_out [E, 1, D] the v_i, sharded on the
+'expert' axis; its activation is sigma), so no other expert weights exist; the router owns W_q,
+the sub-keys and the query norm. Retrieval and the expert products run over chunks of
+`token_chunk` tokens (lax.map, rematerialised in the backward), so the largest buffers are the
+[E, D] tables and their gradients (a scatter-add into dense [E, D]), never [tokens, E]. Query
+batch norm takes its statistics per routing GROUP (a ghost batch norm; the paper normalises over
+the batch): with group_layout 'position' a group is one position of several sequences, so
+training stays causal; in the 'sequence' layout it sees later tokens of the group at training
+(not causal: `query_norm='layer'`, a per-token LayerNorm, is). Evaluation and decoding use the
+running statistics (eval mode), one token at a time, with no cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from moejax import errors
+from moejax.model.routers import base, registry
+from moejax.ops import routing
 
 BN_MOMENTUM = 0.99
 BN_EPS = 1e-5
@@ -72,14 +81,14 @@ def product_key_topk(
     "thj,hrj->thr", q_thj, keys_hrj.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
   )
   # Shape: [T, H, K] per half: the best K rows of each sub-key table.
-  first_thk, first_idx = jax.lax.top_k(half_score(query_thq[..., :half], first_keys_hrj), top_k)
-  second_thk, second_idx = jax.lax.top_k(half_score(query_thq[..., half:], second_keys_hrj), top_k)
+  first_thk, first_idx = routing.top_k(half_score(query_thq[..., :half], first_keys_hrj), top_k)
+  second_thk, second_idx = routing.top_k(half_score(query_thq[..., half:], second_keys_hrj), top_k)
   # Shape: [T, H, K*K] candidate sums and their expert indices.
   num_tokens = query_thq.shape[0]
   cand_shape = (num_tokens, num_heads, top_k * top_k)
   cand_scores = (first_thk[..., :, None] + second_thk[..., None, :]).reshape(cand_shape)
   cand_index = (first_idx[..., :, None] * num_rows + second_idx[..., None, :]).reshape(cand_shape)
-  scores_thk, pos_thk = jax.lax.top_k(cand_scores, top_k)
+  scores_thk, pos_thk = routing.top_k(cand_scores, top_k)
   index_thk = jnp.take_along_axis(cand_index, pos_thk, axis=-1)
   return scores_thk, index_thk.astype(jnp.int32)
 
@@ -172,3 +181,193 @@ def retrieval_usage(index_thk: jax.Array, num_experts: int) -> jax.Array:
   """Fraction of the E experts retrieved at least once by any token and head (a metric)."""
   hit_e = jnp.zeros((num_experts,), jnp.float32).at[index_thk.reshape(-1)].set(1.0)
   return jnp.mean(hit_e)
+
+
+def chunked_peer_forward(
+  x_td, query_thq, first_keys, second_keys, down_ed, up_ed, *, top_k, activation, token_chunk: int
+):
+  """`peer_forward` over chunks of `token_chunk` tokens (lax.map, rematerialised).
+
+  Returns:
+    y_td: [T, D] in x's dtype; index_thk: int32[T, H, K].
+  """
+  num_tokens, dim = x_td.shape
+  chunk = min(token_chunk, num_tokens)
+  num_chunks = -(-num_tokens // chunk)
+  pad = num_chunks * chunk - num_tokens
+  to_chunks = lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+    num_chunks, chunk, *a.shape[1:]
+  )
+
+  @jax.checkpoint
+  def one_chunk(args):
+    x_cd, q_chq = args
+    return peer_forward(
+      x_cd, q_chq, first_keys, second_keys, down_ed, up_ed, top_k=top_k, activation=activation
+    )
+
+  y_ncd, index_nchk = jax.lax.map(one_chunk, (to_chunks(x_td), to_chunks(query_thq)))
+  y_td = y_ncd.reshape(-1, dim)[:num_tokens]
+  return y_td, index_nchk.reshape(-1, *index_nchk.shape[2:])[:num_tokens]
+
+
+def layer_norm_queries(query_thq, scale_hq, bias_hq, eps: float = BN_EPS):
+  """Per-token LayerNorm of each head's query (the batch-independent, causal option)."""
+  query_thq = query_thq.astype(jnp.float32)
+  mean = jnp.mean(query_thq, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(query_thq - mean), axis=-1, keepdims=True)
+  return (query_thq - mean) * jax.lax.rsqrt(var + eps) * scale_hq + bias_hq
+
+
+class QueryNormStats(nnx.Variable):
+  """Running mean / variance of PEER's query batch norm: updated by a rule, not by gradients."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QueryRouting:
+  """PEER's routing output: the normalised queries (retrieval runs in `compute`).
+
+  Attributes:
+    query_gshq: float32[G, S, H, Q].
+  """
+
+  query_gshq: jax.Array
+  aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+QUERY_NORMS = ("batch", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerOptions:
+  """Options of the `peer` family (`model.moe.peer.*`).
+
+  model.moe.num_experts is the pool size E (a square R^2), model.moe.top_k the experts K each
+  head retrieves (K <= R) and model.moe.d_expert must be 1 (single-neuron experts).
+
+  Attributes:
+    num_heads: H retrieval heads (8).
+    query_dim: Q, the query width per head (even; each sub-key has Q/2).
+    query_norm: 'batch' (the paper; statistics per routing group) or 'layer' (per token).
+    bn_momentum: running = momentum * running + (1 - momentum) * batch statistics.
+    init_std: standard deviation of the query projection and sub-key inits.
+    token_chunk: tokens per chunk of retrieval + expert products (memory bound).
+  """
+
+  num_heads: int = 8
+  query_dim: int = 64
+  query_norm: str = "batch"
+  bn_momentum: float = BN_MOMENTUM
+  init_std: float = 0.02
+  token_chunk: int = 512
+
+  def __post_init__(self):
+    if self.num_heads < 1:
+      raise ValueError(f"num_heads={self.num_heads}: must be >= 1")
+    if self.query_dim < 2 or self.query_dim % 2:
+      raise ValueError(f"query_dim={self.query_dim}: must be even and >= 2 (two halves)")
+    if self.query_norm not in QUERY_NORMS:
+      raise ValueError(f"query_norm={self.query_norm!r}: use one of {QUERY_NORMS}")
+    if not 0.0 <= self.bn_momentum < 1.0:
+      raise ValueError(f"bn_momentum={self.bn_momentum}: must be in [0, 1)")
+    if self.token_chunk < 1:
+      raise ValueError(f"token_chunk={self.token_chunk}: must be >= 1")
+
+
+@registry.register("peer")
+class PeerRouter(base.Router):
+  """PEER: product-key retrieval of single-neuron experts, H heads of K experts per token."""
+
+  Options = PeerOptions
+  COMPUTES_OUTPUT = True
+
+  @classmethod
+  def check(cls, options: PeerOptions, moe: base.MoESettings) -> None:
+    rows = math.isqrt(moe.num_experts)
+    if rows * rows != moe.num_experts:
+      raise errors.ConfigError(
+        f"model.moe.num_experts={moe.num_experts}: the peer router's product keys need a square "
+        f"number of experts, e.g. {rows * rows} or {(rows + 1) ** 2}"
+      )
+    if moe.top_k > rows:
+      raise errors.ConfigError(
+        f"model.moe.top_k={moe.top_k}: each peer head retrieves at most sqrt(num_experts)="
+        f"{rows} experts; use top_k <= {rows}"
+      )
+    if moe.d_expert != 1:
+      raise errors.ConfigError(
+        f"model.moe.d_expert={moe.d_expert}: peer experts are single neurons; set "
+        "model.moe.d_expert=1 (the expert bank then holds the pool's [E, D] tables)"
+      )
+
+  @classmethod
+  def causal_in_sequence(cls, options: PeerOptions, moe: base.MoESettings) -> bool:
+    """Per-token norm: causal; query batch norm sees the whole group at training."""
+    return options.query_norm == "layer"
+
+  @classmethod
+  def upcycle_refusal(cls, options, noise: float) -> str | None:
+    return "peer experts are single neurons retrieved by keys: a dense MLP cannot be copied in"
+
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: PeerOptions, rngs: nnx.Rngs):
+    """Builds W_q [D, H*Q], sub-keys [H, R, Q/2] x 2, the query norm and its running stats."""
+    self.check(options, moe)
+    self.options = options
+    self.num_experts, self.top_k = moe.num_experts, moe.top_k
+    heads, query, rows = options.num_heads, options.query_dim, math.isqrt(moe.num_experts)
+    init = jax.nn.initializers.normal(stddev=options.init_std)
+    self.w_query = nnx.Param(init(rngs.params(), (d_model, heads * query)), axes=("embed", None))
+    keys = lambda: nnx.Param(init(rngs.params(), (heads, rows, query // 2)), axes=(None,) * 3)
+    self.first_keys, self.second_keys = keys(), keys()
+    self.norm_scale = nnx.Param(jnp.ones((heads, query), jnp.float32), axes=(None, None))
+    self.norm_bias = nnx.Param(jnp.zeros((heads, query), jnp.float32), axes=(None, None))
+    self.running_mean = QueryNormStats(jnp.zeros((heads, query), jnp.float32), axes=(None, None))
+    self.running_var = QueryNormStats(jnp.ones((heads, query), jnp.float32), axes=(None, None))
+
+  def __call__(self, x_gsd, *, train: bool, rng=None) -> QueryRouting:
+    """The normalised queries of every token; when training with query batch norm, the running
+    statistics move toward this batch's (mean over groups of the group statistics), in place."""
+    del rng
+    num_groups, num_tokens, _ = x_gsd.shape
+    heads, query = self.options.num_heads, self.options.query_dim
+    raw = jnp.einsum(
+      "gsd,dq->gsq",
+      x_gsd.astype(jnp.float32),
+      self.w_query[...],
+      precision=jax.lax.Precision.HIGHEST,
+    ).reshape(num_groups, num_tokens, heads, query)
+    scale, bias = self.norm_scale[...], self.norm_bias[...]
+    if self.options.query_norm == "layer":
+      return QueryRouting(layer_norm_queries(raw, scale, bias))
+    running = (self.running_mean[...], self.running_var[...])
+    norm = lambda q_shq: query_batch_norm(
+      q_shq, scale, bias, *running, train=train, momentum=self.options.bn_momentum
+    )
+    normed, new_mean, new_var = jax.vmap(norm)(raw)
+    if train:
+      self.running_mean[...] = jax.lax.stop_gradient(jnp.mean(new_mean, axis=0))
+      self.running_var[...] = jax.lax.stop_gradient(jnp.mean(new_var, axis=0))
+    return QueryRouting(normed)
+
+  def compute(self, x_gsd, routing: QueryRouting, experts, *, train: bool):
+    """(y [G, S, D], metrics): every token's H*K retrieved neurons, in token chunks."""
+    del train
+    w = experts.weights()
+    if w["w_gate"] is not None or w["w_in"].shape[-1] != 1:
+      raise ValueError("the peer router needs single-neuron experts without a gate branch")
+    num_groups, num_tokens, dim = x_gsd.shape
+    y_td, index_thk = chunked_peer_forward(
+      x_gsd.reshape(-1, dim),
+      routing.query_gshq.reshape(num_groups * num_tokens, *routing.query_gshq.shape[2:]),
+      self.first_keys[...],
+      self.second_keys[...],
+      w["w_in"][:, :, 0],
+      w["w_out"][:, 0, :],
+      top_k=self.top_k,
+      activation=w["activation"],
+      token_chunk=self.options.token_chunk,
+    )
+    metrics = {"retrieval_usage": retrieval_usage(index_thk, self.num_experts)}
+    return y_td.reshape(x_gsd.shape), metrics

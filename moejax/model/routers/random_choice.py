@@ -24,24 +24,34 @@ Draw levels (`route_random(level=...)`):
 The default is 'sequence'; which level the paper's reported numbers use is unconfirmed. At
 evaluation THOR still draws at random: fix the key and report mean and std over a few seeds.
 
-Integration notes: the train step must run two forward passes with keys fold_in(step, layer,
-pass), sum the two cross-entropies and add alpha * symmetric_kl of the two passes' logits (this
-needs train-step support: it is not an aux loss of one forward pass). For 'sequence' and 'batch'
-levels one expert receives a whole group, so capacity dispatch needs C = S; cheaper is to gather
-the drawn expert's weights (lax.dynamic_index_in_dim for 'batch', a [B, D, F] gather for
-'sequence'). The draw depends on no token, so the router is causal in the 'sequence' layout, and
-at decode time each new token needs only the key and its sequence id (no cache).
+Integration (`ThorRouter`, registered as `random`): the train step runs two forward passes
+(CONSISTENCY_PASSES = 2, keys fold_in(step key, pass) then the layer index), sums the two
+cross-entropies and adds `consistency_loss_weight` * symmetric_kl of the two passes' logits. The
+draw depends on no token and nothing is dropped (capacity C = S: one expert may receive a whole
+group; the dropless dispatch computes exactly one expert per token), so the router is causal in
+the 'sequence' layout.
+
+Evaluation (`eval_choice`, the documented choice): 'random' (default, as the paper) draws one
+expert per sequence and layer from a key fixed at initialisation (`EvalKey`, model state), so
+evaluation is reproducible and KV-cache decoding (each new token sees only its sequence id)
+routes exactly as a full forward pass; 'ensemble' gives every expert weight 1/E (the mean of
+the E experts' outputs; E times the compute).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops.aux_losses import symmetric_kl  # noqa: F401 - THOR's consistency term
 
 LEVELS = ("token", "sequence", "batch")
+EVAL_CHOICES = ("random", "ensemble")
 CONSISTENCY_WEIGHT = 1.0  # alpha, the code default
 
 
@@ -102,3 +112,104 @@ def route_random(
   return base.rank_major_routing(
     expert_s[:, None], weight_s1, aux_losses={}, metrics={"expert_load": load_e}
   )
+
+
+def route_ensemble(num_tokens: int, num_experts: int) -> base.SparseRouting:
+  """Every token to every expert with weight 1/E (THOR's deterministic evaluation option).
+
+  Returns:
+    SparseRouting with N = S*E pairs, pair r*S + s = (token s, expert r), weight 1/E.
+    metrics: expert_load float32[E] (uniform).
+  """
+  expert_se = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (num_tokens, num_experts))
+  weight_se = jnp.full((num_tokens, num_experts), 1.0 / num_experts, jnp.float32)
+  load_e = jnp.full((num_experts,), 1.0 / num_experts, jnp.float32)
+  return base.rank_major_routing(
+    expert_se, weight_se, aux_losses={}, metrics={"expert_load": load_e}
+  )
+
+
+class EvalKey(nnx.Variable):
+  """The fixed PRNG key data of THOR's random evaluation draws (model state, never trained)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ThorOptions:
+  """Options of the `random` family (`model.moe.random.*`, THOR).
+
+  Attributes:
+    level: training draws per 'token', per 'sequence' (default) or one per 'batch'.
+    eval_choice: 'random' (one fixed-key draw per sequence) or 'ensemble' (all experts, 1/E).
+    consistency_loss_weight: alpha of the symmetric KL between the two passes (code: 1.0).
+  """
+
+  level: str = "sequence"
+  eval_choice: str = "random"
+  consistency_loss_weight: float = CONSISTENCY_WEIGHT
+
+  def __post_init__(self):
+    if self.level not in LEVELS:
+      raise ValueError(f"level={self.level!r}: use one of {LEVELS}")
+    if self.eval_choice not in EVAL_CHOICES:
+      raise ValueError(f"eval_choice={self.eval_choice!r}: use one of {EVAL_CHOICES}")
+    if self.consistency_loss_weight < 0:
+      raise ValueError(f"consistency_loss_weight={self.consistency_loss_weight}: must be >= 0")
+
+
+@registry.register("random", aliases=("thor",))
+class ThorRouter(base.Router):
+  """THOR: a uniformly random expert per token (weight 1), two passes with consistency.
+
+  Causal and decodable: draws depend only on keys and sequence ids; capacity C = S drops nothing.
+  """
+
+  Options = ThorOptions
+  READS_TOKENS = True
+  CONSISTENCY_PASSES = 2
+
+  @classmethod
+  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
+    del options, moe
+    return True
+
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: ThorOptions, rngs: nnx.Rngs):
+    """Builds the router: no parameters, only the fixed evaluation key (from `rngs.params`)."""
+    del d_model
+    self.num_experts = moe.num_experts
+    self.options = options
+    self.eval_key = EvalKey(jax.random.key_data(rngs.params()), axes=(None,))
+
+  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
+    """C = S: a random draw may send a whole group to one expert, and THOR drops nothing."""
+    del capacity_factor
+    return num_tokens
+
+  def __call__(self, x_gsd, *, train: bool, rng=None, token_ids, sequence_ids):
+    """Routes every group: random draws (train), fixed-key per-sequence draws or the ensemble.
+
+    Args:
+      x_gsd: [G, S, D] tokens (only the shape is used).
+      train: draw with `rng` at the configured level, else the evaluation choice.
+      rng: PRNG key of this layer and pass (needed to train).
+      token_ids: unused.
+      sequence_ids: int32 [G, S] global batch row of each token.
+
+    Returns:
+      SparseRouting with [G, N] array fields (N = S, or S*E for the ensemble), no aux losses.
+    """
+    del token_ids
+    num_tokens = x_gsd.shape[1]
+    draw = functools.partial(route_random, num_tokens, self.num_experts)
+    if not train:
+      if self.options.eval_choice == "ensemble":
+        ensemble = lambda ids_s: route_ensemble(num_tokens, self.num_experts)
+        return base.route_groups(ensemble, sequence_ids)
+      key = jax.random.wrap_key_data(jax.lax.stop_gradient(self.eval_key[...]))
+      route = lambda ids_s: draw(key, level="sequence", sequence_ids_s=ids_s)
+      return base.route_groups(route, sequence_ids)
+    rng = base.need_rng(rng, "the random (THOR) router")
+    if self.options.level == "token":
+      return base.route_groups(lambda ids_s, rng: draw(rng, level="token"), sequence_ids, rng=rng)
+    # 'sequence' and 'batch': every group draws from the same key (a sequence spans groups).
+    route = lambda ids_s: draw(rng, level=self.options.level, sequence_ids_s=ids_s)
+    return base.route_groups(route, sequence_ids)

@@ -82,6 +82,8 @@ def settings(moe_cfg) -> base.MoESettings:
     capacity_factor=moe_cfg.capacity_factor,
     eval_capacity_factor=moe_cfg.eval_capacity_factor,
     eval_dispatch=moe_cfg.eval_dispatch,
+    exchange_factor=moe_cfg.exchange_factor,
+    d_expert=moe_cfg.d_expert,
   )
 
 

@@ -26,21 +26,29 @@ with biases would merge them the same way (sum_e p_e b_e); moejax experts have n
 Not implemented: the reference code's LayerNorm-scaled router weight columns (gain initialised
 to 1e-2), router jitter and expert dropout (both off by default there).
 
-Integration notes: the layer needs its own expert compute (no dispatch, no capacity): all E
-experts' weights are used by every token. The 'causal' level is causal in the 'sequence' group
-layout when the group is the whole sequence (the running mean sees positions <= t); with groups
-that hold pieces of sequences, or with the 'position' layout, the running mean must run over the
-full sequence, before grouping. At decode time the running sum of x and the token count per
-sequence and layer must be cached (a [B, D] state next to the KV cache); 'example' routing
-decodes only with a prefix fixed before generation.
+Integration (`SmearRouter`, COMPUTES_OUTPUT): the layer's ExpertBank holds the E experts and
+the router computes the merged-expert output itself (no dispatch, no capacity, no aux loss):
+every token uses all E experts' weights. The mean runs over each token's whole SEQUENCE, not its
+routing group: `sequence_mean` scans the flattened 'sequence'-layout stream (consecutive groups
+hold consecutive tokens) segmented by sequence id, so any group_size gives the same function.
+The 'position' layout is refused (a group there holds one position of many sequences, so a
+sequence's running mean would cross groups in a strided order). 'causal' is causal in the
+'sequence' layout; 'example' is not (allow_noncausal). Decoding is refused: it would need the
+running sum of x and the token count per sequence and layer cached next to the KV cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from moejax import errors
+from moejax.model.routers import base, registry
+from moejax.ops import aux_losses
 
 LEVELS = ("causal", "example")
 _LN_EPS = 1e-6
@@ -96,6 +104,12 @@ def smear_router_probs(
   if level not in LEVELS:
     raise ValueError(f"unknown SMEAR router {level=}; use one of {LEVELS}")
   u_sd = masked_mean(x_sd, mask_s, causal=level == "causal")
+  return probs_of_mean(u_sd, w_router_de, b_router_e, ln_scale_d, ln_bias_d)
+
+
+def probs_of_mean(u_sd, w_router_de, b_router_e, ln_scale_d, ln_bias_d) -> jax.Array:
+  """softmax(LayerNorm(u) W_r + b_r), float32 [S, E], from the router inputs u [S, D]."""
+  u_sd = u_sd.astype(jnp.float32)
   mean_s1 = jnp.mean(u_sd, axis=-1, keepdims=True)
   var_s1 = jnp.mean(jnp.square(u_sd - mean_s1), axis=-1, keepdims=True)
   normed_sd = (u_sd - mean_s1) * jax.lax.rsqrt(var_s1 + _LN_EPS)
@@ -142,3 +156,141 @@ def smear_merged_ffn(
     h_sf = h_sf * mixed_first_linear(w_gate_edf)
   out_sed = jnp.einsum("sf,efd->sed", h_sf, w_out_efd.astype(dtype))
   return jnp.einsum("sed,se->sd", out_sed, probs_se)
+
+
+def sequence_mean(x_td: jax.Array, sequence_ids_t: jax.Array, *, causal: bool) -> jax.Array:
+  """Per-sequence mean of a stream whose sequences are contiguous runs of equal ids.
+
+  Args:
+    x_td: float[T, D] the stream (the 'sequence' layout's groups, flattened in order).
+    sequence_ids_t: int[T] sequence of each token; a sequence's tokens are consecutive.
+    causal: True: row t is the mean of its sequence's x up to t; False: of its whole sequence.
+
+  Returns:
+    float32[T, D].
+  """
+  x_td = x_td.astype(jnp.float32)
+  num_tokens = x_td.shape[0]
+  ones_t1 = jnp.ones((num_tokens, 1), jnp.float32)
+  start_t = jnp.concatenate([jnp.ones((1,), bool), sequence_ids_t[1:] != sequence_ids_t[:-1]])
+  if causal:
+    # A segmented running sum: a later segment start resets the sum.
+    def add(left, right):
+      (left_start, left_sum), (right_start, right_sum) = left, right
+      return left_start | right_start, jnp.where(right_start, right_sum, left_sum + right_sum)
+
+    _, total_td = jax.lax.associative_scan(add, (start_t[:, None], x_td))
+    _, count_t1 = jax.lax.associative_scan(add, (start_t[:, None], ones_t1))
+  else:
+    segment_t = jnp.cumsum(start_t) - 1  # runs numbered 0, 1, ... in stream order
+    total_td = jax.ops.segment_sum(x_td, segment_t, num_segments=num_tokens)[segment_t]
+    count_t1 = jax.ops.segment_sum(ones_t1, segment_t, num_segments=num_tokens)[segment_t]
+  return total_td / count_t1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MergeRouting:
+  """SMEAR's routing: the merge weights of every token (no pairs, nothing to dispatch).
+
+  Attributes:
+    probs_gse: float32[G, S, E], rows sum to 1.
+  """
+
+  probs_gse: jax.Array
+  aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  metrics: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmearOptions:
+  """Options of the `smear` family (`model.moe.smear.*`).
+
+  Attributes:
+    level: 'causal' (router input = running mean of the token's sequence, for decoders) or
+      'example' (mean of the whole sequence: the paper's per-example router; not causal).
+    init_std: standard deviation of the normal router weight init.
+  """
+
+  level: str = "causal"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.level not in LEVELS:
+      raise ValueError(f"level={self.level!r}: use one of {LEVELS}")
+
+
+@registry.register("smear")
+class SmearRouter(base.Router):
+  """SMEAR: soft merging of the E experts' weights by router probabilities, every token."""
+
+  Options = SmearOptions
+  READS_TOKENS = True
+  COMPUTES_OUTPUT = True
+
+  @classmethod
+  def check(cls, options: SmearOptions, moe: base.MoESettings) -> None:
+    if moe.group_layout != "sequence":
+      raise errors.ConfigError(
+        f"model.moe.group_layout={moe.group_layout!r}: the smear router averages each "
+        "sequence's tokens in order; use model.moe.group_layout='sequence' (the 'causal' level "
+        "is causal there)"
+      )
+
+  @classmethod
+  def causal_in_sequence(cls, options: SmearOptions, moe: base.MoESettings) -> bool:
+    return options.level == "causal"
+
+  @classmethod
+  def decode_refusal(cls, options: SmearOptions, moe: base.MoESettings) -> str | None:
+    return (
+      "the smear router's input is a running mean over each sequence, which KV-cache decoding "
+      "does not cache; evaluate with moejax.evaluate (full sequences) instead"
+    )
+
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: SmearOptions, rngs: nnx.Rngs):
+    """Builds the router: LayerNorm (scale 1, bias 0) and a [D, E] linear with bias 0."""
+    self.check(options, moe)
+    self.num_experts = moe.num_experts
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
+    self.bias = nnx.Param(jnp.zeros((moe.num_experts,), jnp.float32), axes=(None,))
+    self.ln_scale = nnx.Param(jnp.ones((d_model,), jnp.float32), axes=("embed",))
+    self.ln_bias = nnx.Param(jnp.zeros((d_model,), jnp.float32), axes=("embed",))
+
+  def __call__(self, x_gsd, *, train: bool, rng=None, token_ids, sequence_ids) -> MergeRouting:
+    """The merge weights of every token (train and eval alike).
+
+    Args:
+      x_gsd: [G, S, D] the layer's tokens in the 'sequence' layout.
+      sequence_ids: int32 [G, S] each token's sequence (global batch row).
+
+    Returns:
+      MergeRouting; metrics: expert_load [E] (mean merge weight), router_entropy.
+    """
+    del train, rng, token_ids
+    num_groups, num_tokens, dim = x_gsd.shape
+    u_td = sequence_mean(
+      x_gsd.reshape(-1, dim),
+      sequence_ids.reshape(-1),
+      causal=self.options.level == "causal",
+    )
+    params = (self.kernel[...], self.bias[...], self.ln_scale[...], self.ln_bias[...])
+    probs_te = probs_of_mean(u_td, *params)
+    metrics = {
+      "expert_load": jnp.mean(probs_te, axis=0),
+      "router_entropy": aux_losses.router_entropy(probs_te),
+    }
+    probs_gse = probs_te.reshape(num_groups, num_tokens, self.num_experts)
+    return MergeRouting(probs_gse, metrics=metrics)
+
+  def compute(self, x_gsd, routing: MergeRouting, experts, *, train: bool):
+    """(y [G, S, D], {}) : every token through its merged expert (`smear_merged_ffn`)."""
+    del train
+    w = experts.weights()
+    merged = jax.vmap(
+      lambda x_sd, p_se: smear_merged_ffn(
+        x_sd, p_se, w["w_in"], w["w_gate"], w["w_out"], w["activation"]
+      )
+    )
+    return merged(x_gsd, routing.probs_gse), {}

@@ -12,6 +12,10 @@ Design choices:
 - Aux losses: Switch load balancing from the choices before any capacity dropping (indicator
   "i among the chosen" for k>1), and the ST-MoE z-loss.
 - Optional multiplicative jitter U[1-eps, 1+eps] on the router input at training time.
+- Optional batch-prioritized routing (V-MoE, `batch_prioritized`; priority.py): within each
+  choice rank, tokens claim capacity by decreasing top-1 probability instead of position. It
+  lets a later, more confident token take an earlier token's slot, so with the capacity
+  dispatches it is not causal in the 'sequence' layout.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.routers import base, registry
+from moejax.model.routers import base, priority, registry
 from moejax.ops import aux_losses
 
 
@@ -48,7 +52,7 @@ def route_top_k(
   logits_se = logits_se.astype(jnp.float32)
   probs_se = jax.nn.softmax(logits_se, axis=-1)
   # Shape: [S, K], choices sorted by decreasing probability.
-  gate_sk, expert_sk = jax.lax.top_k(probs_se, top_k)
+  gate_sk, expert_sk = base.top_k(probs_se, top_k)
   if normalize_weights:
     gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
 
@@ -72,6 +76,8 @@ class TopKOptions:
   Attributes:
     jitter_eps: training-time multiplicative noise U[1-eps, 1+eps] on the router input; 0 off.
     normalize_weights: renormalise each token's k gate values to sum to 1 (Mixtral, Qwen).
+    batch_prioritized: capacity goes to the most confident tokens first (V-MoE; flaxformer's
+      `batch_prioritized_routing`), not the earliest positions.
     init_std: standard deviation of the normal kernel init (small: near-uniform routing).
     load_balance_loss_weight: weight of the Switch load-balancing loss.
     router_z_loss_weight: weight of the ST-MoE router z-loss.
@@ -79,6 +85,7 @@ class TopKOptions:
 
   jitter_eps: float = 0.0
   normalize_weights: bool = False
+  batch_prioritized: bool = False
   init_std: float = 0.02
   load_balance_loss_weight: float = 1e-2
   router_z_loss_weight: float = 1e-3
@@ -94,6 +101,14 @@ class TopKRouter(base.TokenChoiceRouter):
 
   Options = TopKOptions
   AUX_LOSSES = ("load_balance_loss", "router_z_loss")
+
+  @classmethod
+  def causal_in_sequence(cls, options: TopKOptions, moe: base.MoESettings) -> bool:
+    """Token choice's rule, except that batch-prioritized capacity ranks a group's tokens by
+    confidence, later tokens included (causal only when nothing competes: dropless)."""
+    if options.batch_prioritized:
+      return moe.dispatch == "dropless"
+    return super().causal_in_sequence(options, moe)
 
   def __init__(self, *, d_model: int, moe: base.MoESettings, options: TopKOptions, rngs: nnx.Rngs):
     """Builds the router: a float32 [D, E] kernel (`rngs.params`) and the options."""
@@ -124,4 +139,12 @@ class TopKRouter(base.TokenChoiceRouter):
     route = functools.partial(
       route_top_k, top_k=self.top_k, normalize_weights=self.options.normalize_weights
     )
+    if self.options.batch_prioritized:
+      route = functools.partial(_prioritized, route)
     return base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))
+
+
+def _prioritized(route, logits_se: jax.Array) -> base.SparseRouting:
+  """`route(logits_se)` with tokens ordered by their top-1 probability (priority.py)."""
+  probs_se = jax.nn.softmax(logits_se.astype(jnp.float32), axis=-1)
+  return priority.batch_prioritized(route(logits_se), jnp.max(probs_se, axis=-1))

@@ -37,10 +37,14 @@ decode time the rule is applied to the one new token; nothing is cached.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from moejax.model.routers import base
+from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
 
 TOP_P_THRESHOLD = 0.4  # the reference code's `top_p_threshold`
@@ -73,7 +77,7 @@ def route_top_p(
   log_probs_se = jax.nn.log_softmax(logits_se, axis=-1)
   probs_se = jnp.exp(log_probs_se)
   # Shape: [S, K], candidates sorted by decreasing probability.
-  prob_sk, expert_sk = jax.lax.top_k(probs_se, max_experts)
+  prob_sk, expert_sk = base.top_k(probs_se, max_experts)
   # Exclusive prefix sum: the mass of the more likely candidates.
   before_sk = jnp.cumsum(prob_sk, axis=-1) - prob_sk
   keep_sk = before_sk <= threshold
@@ -98,3 +102,63 @@ def route_top_p(
     "expert_load": jnp.sum(kept_se, axis=0) / jnp.sum(kept_se),
   }
   return base.rank_major_routing(expert_sk, gate_sk, keep_sk, aux_losses=losses, metrics=metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopPOptions:
+  """Options of the `top_p` family (`model.moe.top_p.*`).
+
+  model.moe.top_k is the expert budget the capacity is sized for (the paper compares to top-2):
+  C = ceil(cf * S * top_k / E).
+
+  Attributes:
+    threshold: P: experts are added until their cumulative probability exceeds P (0.4).
+    max_experts: k_max, the static bound of experts per token (<= model.moe.num_experts).
+    init_std: standard deviation of the normal kernel init.
+    dynamic_loss_weight: weight of the entropy ("dynamic") loss (1e-4, unconfirmed).
+    load_balance_loss_weight: weight of the Switch balance loss on the kept sets (1e-2).
+  """
+
+  threshold: float = TOP_P_THRESHOLD
+  max_experts: int = 4
+  init_std: float = 0.02
+  dynamic_loss_weight: float = 1e-4
+  load_balance_loss_weight: float = 1e-2
+
+  def __post_init__(self):
+    if not 0.0 <= self.threshold < 1.0:
+      raise ValueError(f"threshold={self.threshold}: must be in [0, 1) (0 keeps one expert)")
+    if self.max_experts < 1:
+      raise ValueError(f"max_experts={self.max_experts}: must be >= 1")
+
+
+@registry.register("top_p")
+class TopPRouter(base.DynamicTokenChoiceRouter):
+  """Linear router + dynamic top-p over G groups (1..max_experts experts per token).
+
+  Causal in the 'sequence' layout with the dropless dispatch or max_experts = 1 (with capacity,
+  a later token's first choice can take an earlier token's later choice's slot).
+  """
+
+  Options = TopPOptions
+  AUX_LOSSES = ("dynamic_loss", "load_balance_loss")
+
+  def __init__(self, *, d_model: int, moe: base.MoESettings, options: TopPOptions, rngs: nnx.Rngs):
+    """Builds the router: a float32 [D, E] kernel (`rngs.params`) and the options."""
+    self.check(options, moe)
+    self.num_experts = moe.num_experts
+    self.top_k = moe.top_k  # the capacity budget
+    self.options = options
+    self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
+
+  def __call__(self, x_gsd: jax.Array, *, train: bool, rng=None) -> base.SparseRouting:
+    """Routes every group (train and eval alike; no noise).
+
+    Returns:
+      SparseRouting with [G, N] array fields (N = S * max_experts, `valid` = kept).
+    """
+    del train, rng
+    route = functools.partial(
+      route_top_p, max_experts=self.options.max_experts, threshold=self.options.threshold
+    )
+    return base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))

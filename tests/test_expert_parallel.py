@@ -1,0 +1,230 @@
+"""Expert parallelism, proven on the compiled train step (8 simulated devices).
+
+- Whole-step collective bytes / the analytic minimum <= 1.3, replicated work <= 1.1 and no XLA
+  "Involuntary full rematerialization" for every recipe's tiny preset and the five meshes
+  (benchmarks/collectives.py measures, benchmarks/collective_model.py is the minimum). On meshes
+  with an FSDP axis, XLA:CPU reduces FSDP gradients with an all-reduce whose result is sliced
+  to the shard (XLA's GPU pipeline rewrites that pair into a reduce-scatter, half the bytes):
+  there the 1.3 bound applies with those all-reduces counted as the reduce-scatters they are,
+  the bytes as compiled for CPU stay under 1.4, and the FSDP all-gathers are at the minimum.
+  Expert-parallel dropless computes its static exchange bound's idle rows too: replicated work
+  <= 1.1 with a bound of 1.0, <= 1.15 at the default exchange_factor 2.0.
+- Expert weights' gradients never leave their expert shard.
+- Expert-parallel dropless: pairs over the static per-destination bound are dropped and
+  counted, the rest equal a per-pair reference.
+- The same losses on 1 and 8 devices for every dispatch and both group layouts.
+"""
+
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from benchmarks import collectives, hlo_collectives
+from moejax import sharding, train, training
+from moejax.model.experts import ExpertBank
+from moejax.ops import dropless_dispatch
+from moejax.ops.routing import SparseRouting
+from tests.helpers import tiny_config, write_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MESHES = {
+  "dp2_ep4": dict(data=2, expert=4),
+  "fsdp2_ep4": dict(fsdp=2, expert=4),
+  "ep8": dict(expert=8),
+  "dp2_fsdp2_ep2": dict(data=2, fsdp=2, expert=2),
+  "dp2_ep2_tp2": dict(data=2, expert=2, tensor=2),
+}
+RECIPES = [p.stem for p in sorted((ROOT / "configs").glob("*.py"))]
+
+
+def recipe(name: str):
+  spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny(name: str, mesh: dict, dispatch: str | None = None):
+  cfg = recipe(name).get_config("tiny")
+  for axis in sharding.MESH_AXES:
+    cfg.mesh[axis] = mesh.get(axis, 1)
+  if dispatch:
+    cfg.model.moe.dispatch = dispatch
+  return cfg
+
+
+def _has_tiny(name: str) -> bool:
+  try:
+    return recipe(name).get_config("tiny").model.moe_every > 0
+  except Exception:  # noqa: BLE001 - recipes without a tiny MoE preset are not in this table
+    return False
+
+
+MOE_RECIPES = [name for name in RECIPES if _has_tiny(name)]
+CASES = [pytest.param(name, "dp2_ep4", None, {}, id=f"{name}-dp2_ep4") for name in MOE_RECIPES] + [
+  pytest.param("switch_base", mesh, dispatch, {}, id=f"switch_base-{mesh}-{dispatch}")
+  for mesh in MESHES
+  for dispatch in ("capacity", "all_to_all", "dropless")
+  if not (mesh == "dp2_ep4" and dispatch == "capacity")
+]
+# Expert-parallel dropless computes exchange_factor x the balanced rows (the static bound's idle
+# slots: 1.11 x the single-device FLOPs at the default 2.0 on this model); with a bound of 1.0
+# any excess would be replicated work.
+CASES.append(
+  pytest.param(
+    "switch_base", "dp2_ep4", "dropless", {"exchange_factor": 1.0}, id="dropless-tight-bound"
+  )
+)
+
+
+@pytest.mark.parametrize("name, mesh, dispatch, moe_overrides", CASES)
+def test_collectives_are_near_the_minimum(name, mesh, dispatch, moe_overrides):
+  cfg = tiny(name, MESHES[mesh], dispatch)
+  cfg.model.moe.update(moe_overrides)
+  single = mesh in ("dp2_ep4", "dp2_ep2_tp2")
+  result = collectives.measure(cfg, jax.devices()[:8], single_device=single)
+  measured, terms = result["collective_bytes"], result["minimum_terms"]
+  assert result["remat_warnings"] == 0, result
+  assert measured["all-to-all"] > 0  # the exchange happens
+  if MESHES[mesh].get("fsdp", 1) > 1:
+    assert result["collective_ratio_reduce_scatter"] <= 1.3, (measured, terms)
+    assert result["collective_ratio"] <= 1.4, (measured, terms)
+    assert measured["all-gather"] <= 1.01 * terms["fsdp_gather"], (measured, terms)
+  else:
+    assert result["collective_ratio"] <= 1.3, (measured, terms)
+  if single:
+    slack = dispatch == "dropless" and not moe_overrides
+    assert result["replicated_work"] <= (1.15 if slack else 1.1), result
+
+
+def test_sliced_all_reduces_are_told_apart():
+  """The gradient of a weight sharded over 4 devices (batch sharded the same way) compiles on
+  CPU to an all-reduce sliced to the shard; a replicated weight's to a plain all-reduce."""
+  mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4], axis_types=(AxisType.Explicit,))
+  x = jax.device_put(jnp.ones((8, 16)), jax.NamedSharding(mesh, jax.P("x")))
+  loss = lambda w, x: jnp.sum(jnp.tanh(x @ w))
+  for spec, sliced in ((jax.P("x"), True), (jax.P(), False)):
+    w = jax.device_put(jnp.ones((16, 32)), jax.NamedSharding(mesh, spec))
+    text = jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile().as_text()
+    all_reduce = hlo_collectives.bytes_by_kind(text, 4)["all-reduce"]
+    assert all_reduce == 2 * 16 * 32 * 4 * 3 / 4
+    assert hlo_collectives.sliced_all_reduce_bytes(text, 4) == (all_reduce if sliced else 0)
+
+
+def test_expert_weight_gradients_stay_in_their_shard():
+  """On {expert: 8} every expert is on one device: no collective carries an expert weight
+  (or its gradient); the other parameters' gradients are all-reduced over all 8."""
+  cfg = tiny("switch_base", MESHES["ep8"])
+  text = training.program_for(cfg, jax.devices()[:8]).lower().compile().as_text()
+  m, moe = cfg.model, cfg.model.moe
+  local = (moe.num_experts // 8, m.d_model, moe.d_expert or m.d_ff)
+  shapes = {f"f32[{local[0]},{local[1]},{local[2]}]", f"f32[{local[0]},{local[2]},{local[1]}]"}
+  for line in text.splitlines():
+    if any(f" {kind}(" in line or f" {kind}-start(" in line for kind in hlo_collectives.KINDS):
+      assert not any(s in line.split(" = ")[1].split(")")[0] for s in shapes), line[:200]
+  assert hlo_collectives.bytes_by_kind(text, 8)["all-reduce"] > 0
+
+
+def make_routing(expert_gn, rng, tokens_per_group: int) -> SparseRouting:
+  """Pairs in choice-rank-major order (pair r * S + s = token s's (r+1)-th choice)."""
+  g, n = expert_gn.shape
+  return SparseRouting(
+    token_index=jnp.tile(jnp.arange(tokens_per_group, dtype=jnp.int32), (g, n // tokens_per_group)),
+    expert_index=jnp.asarray(expert_gn, jnp.int32),
+    combine_weight=jnp.asarray(rng.uniform(0.1, 1.0, (g, n)), jnp.float32),
+    valid=jnp.asarray(rng.random((g, n)) < 0.9),
+  )
+
+
+def reference_dropless_ep(x, routing, bank, *, num_devices, expert_shards, exchange_factor):
+  """Each device (one group here) sends at most ceil(factor * M / X) pairs per destination shard,
+  in pair order; a sent pair adds weight * expert(x) to its token. Returns (y, dropped)."""
+  x = np.asarray(x, np.float64)
+  w_in, w_out = (np.asarray(bank.w_in[...], np.float64), np.asarray(bank.w_out[...], np.float64))
+  token, expert = np.asarray(routing.token_index), np.asarray(routing.expert_index)
+  weight, valid = np.asarray(routing.combine_weight, np.float64), np.asarray(routing.valid)
+  groups, pairs = token.shape
+  per_device = groups // num_devices
+  per_shard = w_in.shape[0] // expert_shards
+  gelu = lambda v: np.asarray(jax.nn.gelu(jnp.asarray(v, jnp.float32)), np.float64)
+  y, dropped = np.zeros_like(x), 0
+  for device in range(num_devices):
+    bound = int(np.ceil(exchange_factor * per_device * pairs / expert_shards))
+    sent = np.zeros(expert_shards, int)
+    for g in range(device * per_device, (device + 1) * per_device):
+      for n in range(pairs):
+        if not valid[g, n]:
+          continue
+        dest = expert[g, n] // per_shard
+        if sent[dest] >= bound:
+          dropped += 1
+          continue
+        sent[dest] += 1
+        e, t = expert[g, n], token[g, n]
+        y[g, t] += weight[g, n] * (gelu(x[g, t] @ w_in[e]) @ w_out[e])
+  return y, dropped / valid.sum()
+
+
+@pytest.fixture(scope="module")
+def mesh_dp2_ep4():
+  return jax.make_mesh((2, 1, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+def test_expert_parallel_dropless_counts_the_overflow(mesh_dp2_ep4):
+  """8 groups of 16 tokens, top-2 where most pairs want experts 0-1 (shard 0): with a bound
+  of 1.0 x the balanced share, shard 0 overflows. The dropped fraction and the output equal a
+  reference that simulates each device's send plan pair by pair."""
+  g, s, d, e, k = 8, 16, 8, 8, 2
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
+  skewed = rng.random((g, s * k)) < 0.7
+  expert = np.where(skewed, rng.integers(0, 2, (g, s * k)), rng.integers(0, e, (g, s * k)))
+  routing = make_routing(expert, rng, s)
+  bank = ExpertBank(e, d, 6, activation="gelu", init_std=0.5, out_std=0.5, rngs=nnx.Rngs(1))
+  fn = jax.jit(
+    functools.partial(
+      dropless_dispatch.dropless_moe, num_experts=e, rules=sharding.DEFAULT, exchange_factor=1.0
+    )
+  )
+  with jax.set_mesh(mesh_dp2_ep4):
+    y, stats = fn(x, routing, bank)
+  want_y, want_dropped = reference_dropless_ep(
+    x, routing, bank, num_devices=8, expert_shards=4, exchange_factor=1.0
+  )
+  assert want_dropped > 0.05  # the case overflows
+  np.testing.assert_allclose(float(stats["dropped_fraction"]), want_dropped, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(y), want_y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.parametrize(
+  "dispatch, layout",
+  [("capacity", "position"), ("dropless", "sequence"), ("all_to_all", "position")],
+)
+def test_one_vs_eight_devices_same_losses(corpus, tmp_path, dispatch, layout):
+  def config(**mesh):
+    cfg = tiny_config(corpus, **mesh)
+    moe = cfg.model.moe
+    moe.dispatch, moe.group_layout, moe.top_k = dispatch, layout, 2
+    moe.group_size = 8 if layout == "position" else 32  # 8 groups per step either way
+    moe.capacity_factor = moe.eval_capacity_factor = 4.0  # nothing dropped: equal functions
+    moe.exchange_factor = 4.0  # = the expert shards: a destination can take all of a device's pairs
+    cfg.train.steps = cfg.train.eval_every = cfg.train.checkpoint_every = 3
+    return cfg
+
+  one = train.run(config(data=1), str(tmp_path / "one"), devices=jax.devices()[:1], progress=False)
+  eight = train.run(config(data=2, expert=4), str(tmp_path / "eight"), progress=False)
+  a = np.array([one["losses"][s] for s in (1, 2, 3)])
+  b = np.array([eight["losses"][s] for s in (1, 2, 3)])
+  np.testing.assert_allclose(a, b, atol=1e-4)
