@@ -50,9 +50,11 @@ def pairs_per_token(model_cfg) -> float:
   """(token, expert) pairs the dispatch moves per token, from the router's abstract output."""
   moe = model_cfg.moe
   s = moe.group_size
+  per_layer = model_cfg.copy_and_resolve_references()
+  per_layer.scan_layers = False  # the routing of one layer does not depend on the layout
 
   def route():
-    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    model = Transformer(per_layer, rngs=nnx.Rngs(0))
     layer = next(b.ffn for b in model.blocks if isinstance(b.ffn, MoELayer))
     x = jnp.zeros((1, s, model_cfg.d_model), jnp.float32)
     _, routing = layer.route(

@@ -3,9 +3,9 @@
 Per op and device, with n devices in the op's replica group and B the op's per-device result
 bytes, the bytes that leave the device (ring algorithms): all-gather and all-to-all B (n-1)/n,
 reduce-scatter B (n-1) (its result is the 1/n shard), all-reduce 2 B (n-1)/n,
-collective-permute B. Ops whose group has one device move nothing and are not counted. A
-while-loop body is read once (XLA's text does not repeat it), so a scanned program's loop
-collectives must be scaled by the trip count by the caller.
+collective-permute B. Ops whose group has one device move nothing and are not counted. An op
+inside a while loop (a scanned model's layers) runs once per iteration: it is counted times the
+loop's `known_trip_count` (nested loops multiply); a loop without a known trip count is refused.
 
 `sliced_all_reduce_bytes` finds the all-reduces whose every use keeps only this device's 1/n
 slice: XLA:CPU lowers a sharded gradient's reduce-scatter that way, while XLA's GPU and TPU
@@ -55,10 +55,51 @@ def group_size(attrs: str, num_devices: int) -> int:
   return num_devices
 
 
-def collectives(hlo_text: str, num_devices: int) -> list[dict]:
-  """Every collective op: {"kind", "result_bytes", "group", "bytes"} (bytes leaving a device)."""
-  ops = []
+_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_CALLEE = re.compile(
+  r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _per_computation(hlo_text: str):
+  """(computation of each line index, {computation: times it runs per program execution})."""
+  owner, calls, current, entry = [], {}, None, None
   for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(1)
+      entry = current if line.startswith("ENTRY") else entry
+    owner.append(current)
+    for role, callee in _CALLEE.findall(line):
+      trips = 1
+      if role == "body":
+        trip = _TRIP_COUNT.search(line)
+        if trip is None:
+          raise ValueError(f"a while loop without a known trip count: {line.strip()[:120]}")
+        trips = int(trip.group(1))
+      calls.setdefault(callee, []).append((current, trips))
+    for branches in _BRANCHES.findall(line):
+      for callee in re.findall(r"%([\w.\-]+)", branches):
+        calls.setdefault(callee, []).append((current, 1))
+  times: dict[str, int] = {}
+
+  def count(name) -> int:
+    if name not in times:
+      times[name] = 1 if name == entry or name not in calls else 0
+      times[name] = max(times[name], sum(count(c) * n for c, n in calls.get(name, [])))
+    return times[name]
+
+  return owner, {name: count(name) for name in set(filter(None, owner))}
+
+
+def collectives(hlo_text: str, num_devices: int) -> list[dict]:
+  """Every collective op: {"kind", "result_bytes", "group", "times", "bytes"} (bytes leaving a
+  device over the `times` it runs per step)."""
+  ops = []
+  owner, times = _per_computation(hlo_text)
+  for index, line in enumerate(hlo_text.splitlines()):
     line = _COMMENT.sub("", line)  # tuples carry /*index=5*/ markers, which hide the "="
     m = _COLLECTIVE.search(line)
     if not m or "-done" in line:
@@ -78,7 +119,10 @@ def collectives(hlo_text: str, num_devices: int) -> list[dict]:
       "all-reduce": 2 * size * (n - 1) / n,
       "collective-permute": size,
     }[kind]
-    ops.append({"kind": kind, "result_bytes": size, "group": n, "bytes": sent})
+    runs = times[owner[index]]
+    ops.append(
+      {"kind": kind, "result_bytes": size, "group": n, "times": runs, "bytes": sent * runs}
+    )
   return ops
 
 
@@ -99,13 +143,14 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 
 
-def _instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-  """{name: (opcode, result type, operands and attributes)} of every instruction."""
+def _instructions(hlo_text: str) -> dict[str, tuple[str, str, str, int]]:
+  """{name: (opcode, result type, operands and attributes, times it runs)} of every instruction."""
   out = {}
-  for line in hlo_text.splitlines():
+  owner, times = _per_computation(hlo_text)
+  for index, line in enumerate(hlo_text.splitlines()):
     m = _INSTRUCTION.match(_COMMENT.sub("", line))
     if m:
-      out[m.group(1)] = (m.group(3), m.group(2), m.group(4))
+      out[m.group(1)] = (m.group(3), m.group(2), m.group(4), times[owner[index]])
   return out
 
 
@@ -131,12 +176,12 @@ def sliced_all_reduce_bytes(hlo_text: str, num_devices: int) -> float:
   slicing = _slicing_computations(hlo_text)
 
   def slices(user: str) -> bool:
-    opcode, _, rest = ins[user]
+    opcode, _, rest, _ = ins[user]
     called = re.search(r"calls=%([\w.\-]+)", rest)
     return opcode == "dynamic-slice" or bool(called and called.group(1) in slicing)
 
   users: dict[str, list[str]] = {}
-  for name, (_, _, rest) in ins.items():
+  for name, (_, _, rest, _) in ins.items():
     for operand in set(_OPERAND.findall(rest.split("metadata=")[0])):
       users.setdefault(operand, []).append(name)
 
@@ -145,7 +190,7 @@ def sliced_all_reduce_bytes(hlo_text: str, num_devices: int) -> float:
     return bool(uses) and all(slices(u) and shape_bytes(ins[u][1]) * n == size for u in uses)
 
   total = 0.0
-  for name, (opcode, result, rest) in ins.items():
+  for name, (opcode, result, rest, runs) in ins.items():
     if opcode != "all-reduce":
       continue
     n = group_size(rest, num_devices)
@@ -158,7 +203,7 @@ def sliced_all_reduce_bytes(hlo_text: str, num_devices: int) -> float:
         if ins[user][0] == "get-tuple-element" and index:
           size = shape_bytes(elements[int(index.group(1))])
           if only_sliced(user, size, n):
-            total += 2 * size * (n - 1) / n
+            total += 2 * size * (n - 1) / n * runs
     elif only_sliced(name, shape_bytes(result), n):
-      total += 2 * shape_bytes(result) * (n - 1) / n
+      total += 2 * shape_bytes(result) * (n - 1) / n * runs
   return total

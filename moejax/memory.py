@@ -140,7 +140,8 @@ def activation_bytes(cfg, mesh_shape: dict[str, int], rules: sharding.Rules) -> 
     plain kernel's float32 scores and probabilities 2HL (blockwise: two float32 512 x 512
     tiles per head and row in flight, per layer unrolled, per unit scanned);
   - dense MLP: 2D + F (2F with SwiGLU); MoE: 2D, expert side (4F_expert + 2D) per (token,
-    choice) slot (k cf per token, k for dropless; T_moe tokens over the expert axis), shared experts
+    choice) slot (k cf per token, k for dropless, k x exchange_factor for expert-parallel
+    dropless; the buffer's tokens over its expert_group and act_expert axes), shared experts
     4F_shared; the routing groups (D, and 4E float32 router logits per T_moe token) twice, as
     working set only;
   - heads, MLP and vocabulary widths divide over the mesh axes of their rules.
@@ -175,8 +176,13 @@ def activation_bytes(cfg, mesh_shape: dict[str, int], rules: sharding.Rules) -> 
   gates = 2 if m.activation == "swiglu" else 1  # hidden tensors kept per MLP (the rest recomputed)
   dense = tokens * s * (2 * d + gates * f)
   dense_kept = tokens * s * gates * f
+  # Expert buffers are [expert_group, act_expert, slots]; expert-parallel dropless receives
+  # exchange_factor times its pairs (the static per-destination bound).
   slots = moe.top_k * (1.0 if moe.dispatch == "dropless" else moe.capacity_factor)
-  expert_side = moe_tokens * slots * s * (4 * f_exp + 2 * d) / size("expert")
+  if moe.dispatch == "dropless" and size("act_expert") > 1:
+    slots *= moe.exchange_factor
+  buffer_tokens = rows * t.seq_len / (size("expert_group") * size("act_expert"))
+  expert_side = buffer_tokens * slots * s * (4 * f_exp + 2 * d)
   moe_layer = tokens * s * (2 * d + 4 * f_shared) + expert_side
   moe_kept = tokens * s * 2 * f_shared
   groups = 2 * moe_tokens * (s * d + 4 * e) if num_moe_layers(cfg) else 0.0

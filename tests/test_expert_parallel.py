@@ -118,6 +118,36 @@ def test_sliced_all_reduces_are_told_apart():
     assert hlo_collectives.sliced_all_reduce_bytes(text, 4) == (all_reduce if sliced else 0)
 
 
+def test_collectives_in_a_loop_count_once_per_iteration():
+  """A scanned model's layer collectives sit in a while body that the HLO text holds once:
+  they count times the trip count, as the same loop unrolled does (the all-reduce of a sum
+  over the sharded axis, 3 iterations)."""
+  mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4], axis_types=(AxisType.Explicit,))
+  x = jax.device_put(jnp.ones((8, 16)), jax.NamedSharding(mesh, jax.P("x")))
+  body = lambda c, _: (jnp.tanh(c + jnp.sum(c, 0)), None)
+  scanned = lambda x: jax.lax.scan(body, x, length=3)[0]
+  unrolled = lambda x: functools.reduce(lambda c, _: body(c, None)[0], range(3), x)
+  texts = [jax.jit(f).lower(x).compile().as_text() for f in (scanned, unrolled)]
+  assert " while(" in texts[0] and " while(" not in texts[1]
+  got, want = (hlo_collectives.bytes_by_kind(t, 4)["all-reduce"] for t in texts)
+  assert got == want == 3 * 2 * 16 * 4 * 3 / 4
+
+
+@pytest.mark.parametrize(
+  "name, dispatch", [("mixtral_8x7b", "dropless"), ("switch_base", "all_to_all")]
+)
+def test_bfloat16_compute_keeps_expert_gradients_in_the_parameter_dtype(name, dispatch):
+  """bfloat16 compute, float32 parameters, {data 2, expert 4}: the expert weights' gradients
+  are summed over `data` in float32 (the weights are cast inside the exchange's shard_map)."""
+  cfg = tiny(name, {"data": 2, "expert": 4}, dispatch)
+  cfg.model.dtype = "bfloat16"
+  text = training.program_for(cfg, jax.devices()[:8]).lower().compile().as_text()
+  m, moe = cfg.model, cfg.model.moe
+  local = f"{moe.num_experts // 4},{m.d_model},{moe.d_expert or m.d_ff}"
+  reduced = [line for line in text.splitlines() if " all-reduce(" in line and local in line]
+  assert reduced and all(f"f32[{local}]" in line for line in reduced), reduced[:2]
+
+
 def test_expert_weight_gradients_stay_in_their_shard():
   """On {expert: 8} every expert is on one device: no collective carries an expert weight
   (or its gradient); the other parameters' gradients are all-reduced over all 8."""

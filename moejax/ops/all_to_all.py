@@ -58,14 +58,25 @@ def on_expert_shards(
 ):
   """`body(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, weights)` in a `shard_map` manual over
   the group axes: each device gets its own groups' tokens and pairs and its experts' weights
-  (cast to the tokens' dtype; a dict like `ExpertBank.weights()`)."""
+  (a dict like `ExpertBank.weights()`), cast to the tokens' dtype inside: the weights' gradients
+  leave the shard_map (summed over the other group axes) in their storage dtype (XLA:CPU's
+  compiler aborts on that all-reduce in bfloat16)."""
   dtype = x_gsd.dtype
-  cast = {k: weights[k] if weights[k] is None else weights[k].astype(dtype) for k in _WEIGHTS}
+  arrays = {k: weights[k] for k in _WEIGHTS}
   g3, g2, w3 = P(group_axes, None, None), P(group_axes, None), P(expert_axis, None, None)
-  specs = {k: None if v is None else w3 for k, v in cast.items()}
+  specs = {k: None if v is None else w3 for k, v in arrays.items()}
+
+  experts = set(expert_axis) if isinstance(expert_axis, tuple) else {expert_axis}
+  replicated = tuple(a for a in group_axes if a not in experts)
+
+  def cast(w):
+    if check_vma and replicated:  # varying before the cast: the gradient's psum stays float32
+      w = jax.lax.pcast(w, replicated, to="varying")
+    return w.astype(dtype)
 
   def local(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, local_weights):
-    local_weights = {**local_weights, "activation": weights["activation"]}
+    local_weights = {k: v if v is None else cast(v) for k, v in local_weights.items()}
+    local_weights["activation"] = weights["activation"]
     return body(x_gsd, token_gn, expert_gn, weight_gn, valid_gn, local_weights)
 
   return jax.shard_map(
@@ -74,7 +85,7 @@ def on_expert_shards(
     out_specs=out_specs,
     axis_names=set(group_axes),
     check_vma=check_vma,
-  )(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight, routing.valid, cast)
+  )(x_gsd, routing.token_index, routing.expert_index, routing.combine_weight, routing.valid, arrays)
 
 
 _WEIGHTS = ("w_in", "w_gate", "w_out")
