@@ -157,11 +157,13 @@ def prepare(cfg, workdir, abs_params: dict, param_shardings: dict) -> Upcycling 
   dense_shapes = {
     n: tuple(x.shape) for n, x in restore.flatten(layout.to_layout(meta, layout.PER_LAYER)).items()
   }
-  per_layer = lambda tree: layout.to_layout(tree, layout.PER_LAYER)
-  moe = {dotted(p): x for p, x in jax.tree_util.tree_flatten_with_path(per_layer(abs_params))[0]}
-  shard = {
-    dotted(p): s for p, s in jax.tree_util.tree_flatten_with_path(per_layer(param_shardings))[0]
-  }
+  # Shapes carry their shardings through the restacking (a sharding alone has no layer count).
+  sharded = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_params, param_shardings
+  )
+  flat = jax.tree_util.tree_flatten_with_path(layout.to_layout(sharded, layout.PER_LAYER))[0]
+  moe = {dotted(p): x for p, x in flat}
+  shard = {name: x.sharding for name, x in moe.items()}
   plan = plan_upcycling({n: x.shape for n, x in moe.items()}, dense_shapes)
 
   # Each dense array lands on the sharding of what it becomes.
