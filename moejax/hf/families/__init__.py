@@ -1,0 +1,15 @@
+"""The Hugging Face model families the converter knows, by `model_type` (see base.py)."""
+
+from __future__ import annotations
+
+from moejax.hf.families import base, mixtral
+
+FAMILIES = {module.MODEL_TYPE: module for module in (mixtral,)}
+
+
+def get(model_type: str):
+  if model_type not in FAMILIES:
+    raise base.UnsupportedError(
+      f"model_type={model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+    )
+  return FAMILIES[model_type]
