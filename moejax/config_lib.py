@@ -31,6 +31,7 @@ DISPATCHES = ("capacity", "dropless", "all_to_all")  # moejax/model/moe_layer.py
 GROUP_LAYOUTS = ("sequence", "position")
 DTYPES = ("float32", "bfloat16")
 DECODE_POLICIES = ("fail", "skip")
+QK_NORM_SCOPES = ("head", "all_heads")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.num_kv_heads = config_dict.placeholder(int)  # grouped-query attention; None = num_heads
   m.qk_norm = False  # RMSNorm of q and k over head_dim before RoPE (Qwen3)
+  # "head": over each head's dimension (Qwen3); "all_heads": one norm over all heads' dimensions
+  # of q (and of k), before splitting into heads (OLMoE).
+  m.qk_norm_scope = "head"
   m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
   # The blocks run under nnx.scan over a repeating unit of moe_every layers (1 if dense): the
   # compiled program holds one unit whatever num_layers; parameters get a leading layer axis.
@@ -232,6 +236,7 @@ _NON_NEGATIVE = (
 )
 _ONE_OF = (
   ("model.activation", ACTIVATIONS),
+  ("model.qk_norm_scope", QK_NORM_SCOPES),
   ("model.dtype", DTYPES),
   ("model.param_dtype", DTYPES),
   ("optim.moment_dtype", DTYPES),

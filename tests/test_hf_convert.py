@@ -28,7 +28,7 @@ from moejax.hf import convert, safetensors_io
 from moejax.hf.families import base
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ["mixtral"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
 
 
 def _reference(family):

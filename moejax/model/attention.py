@@ -1,8 +1,9 @@
 """Causal self-attention with rotary position embeddings, grouped-query heads and optional QK-norm.
 
 Queries have H heads, keys and values G heads (G divides H; query head h reads key/value head
-h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` (Qwen3)
-q and k are RMS-normalised over the head dimension before RoPE. The kernel is
+h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` q and
+k are RMS-normalised before RoPE: over each head's dimension (`qk_norm_scope` "head", Qwen3), or
+over all heads' dimensions at once ("all_heads", OLMoE: scales [H, K] and [G, K]). The kernel is
 `moejax.ops.attention.attention` (`impl`: "auto" picks by platform: splash on TPU, cuDNN / XLA on
 GPU, blockwise online softmax on CPU for long sequences, the plain reference otherwise); every
 kernel computes the same function, scores in float32.
@@ -40,6 +41,7 @@ class Attention(nnx.Module):
     rules: sharding.Rules | None = None,
     num_kv_heads: int | None = None,
     qk_norm: bool = False,
+    qk_norm_scope: str = "head",
     norm_eps: float = 1e-6,
     impl: str = "auto",
     param_dtype=jnp.float32,
@@ -54,9 +56,14 @@ class Attention(nnx.Module):
     self.wk = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wv = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wo = make((num_heads, head_dim, d_model), ("heads", "kv", "embed"), out_std)
-    norm = lambda: RMSNorm(head_dim, eps=norm_eps, axes=("kv",), dtype=param_dtype)
-    self.q_norm = norm() if qk_norm else None
-    self.k_norm = norm() if qk_norm else None
+    if qk_norm_scope == "all_heads":
+      norm = lambda heads: RMSNorm(
+        (heads, head_dim), eps=norm_eps, axes=("heads", "kv"), dtype=param_dtype
+      )
+    else:
+      norm = lambda heads: RMSNorm(head_dim, eps=norm_eps, axes=("kv",), dtype=param_dtype)
+    self.q_norm = norm(num_heads) if qk_norm else None
+    self.k_norm = norm(num_kv_heads) if qk_norm else None
     self.rope_theta = rope_theta
 
   @property

@@ -34,18 +34,22 @@ def activation_fn(name: str):
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm over the last axis, computed in float32, returned in the input dtype.
+  """Root-mean-square norm over the last axis (or, for a tuple `dim`, over the last len(dim)
+  axes jointly), computed in float32, returned in the input dtype.
 
-  `axes`: the logical axis of the scale ("embed" over d_model, "kv" over a head dimension).
+  `axes`: the logical axes of the scale ("embed" over d_model, "kv" over a head dimension).
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, axes=("embed",), dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=tuple(axes))
+  def __init__(self, dim: int | tuple, *, eps: float = 1e-6, axes=("embed",), dtype=jnp.float32):
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    self.scale = nnx.Param(jnp.ones(shape, dtype), axes=tuple(axes))
+    self.norm_axes = tuple(range(-len(shape), 0))
     self.eps = eps
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    mean_square = jnp.mean(x32 * x32, axis=self.norm_axes, keepdims=True)
+    y = x32 * jax.lax.rsqrt(mean_square + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 

@@ -61,6 +61,7 @@ class Transformer(nnx.Module):
         rope_theta=m.rope_theta,
         num_kv_heads=m.num_kv_heads,
         qk_norm=m.qk_norm,
+        qk_norm_scope=m.qk_norm_scope,
         norm_eps=m.norm_eps,
         impl=m.attention_impl,
         **init,
