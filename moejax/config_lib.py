@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   # "head": over each head's dimension (Qwen3); "all_heads": one norm over all heads' dimensions
   # of q (and of k), before splitting into heads (OLMoE).
   m.qk_norm_scope = "head"
+  m.qkv_bias = False  # learned biases on the q, k and v projections (Qwen2), none on the output
   m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
   # The blocks run under nnx.scan over a repeating unit of moe_every layers (1 if dense): the
   # compiled program holds one unit whatever num_layers; parameters get a leading layer axis.
@@ -80,6 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
   moe.eval_dispatch = config_dict.placeholder(str)  # dispatch at evaluation; None = moe.dispatch
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
+  # Scale the shared experts' output per token by sigmoid(x w) (Qwen2-MoE); needs shared experts.
+  moe.shared_expert_gate = False
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
   for family, options in routers.option_defaults().items():
     if family in moe:
@@ -286,6 +289,11 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       "change one or set model.head_dim"
     )
   _validate_large_model(cfg)
+  if m.moe.shared_expert_gate and not (m.moe_every and m.moe.num_shared_experts):
+    raise ConfigError(
+      "model.moe.shared_expert_gate=True gates the shared experts, but there are none: set "
+      "model.moe.num_shared_experts >= 1 (and moe_every >= 1) or shared_expert_gate=False"
+    )
   if m.moe_every:
     _validate_moe(cfg)
   return _validate_mesh(cfg, num_devices)

@@ -28,7 +28,7 @@ from moejax.hf import convert, safetensors_io
 from moejax.hf.families import base
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 
 
 def _reference(family):

@@ -3,7 +3,8 @@
 Queries have H heads, keys and values G heads (G divides H; query head h reads key/value head
 h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` q and
 k are RMS-normalised before RoPE: over each head's dimension (`qk_norm_scope` "head", Qwen3), or
-over all heads' dimensions at once ("all_heads", OLMoE: scales [H, K] and [G, K]). The kernel is
+over all heads' dimensions at once ("all_heads", OLMoE: scales [H, K] and [G, K]). `qkv_bias`
+adds learned biases to q, k and v (Qwen2). The kernel is
 `moejax.ops.attention.attention` (`impl`: "auto" picks by platform: splash on TPU, cuDNN / XLA on
 GPU, blockwise online softmax on CPU for long sequences, the plain reference otherwise); every
 kernel computes the same function, scores in float32.
@@ -42,6 +43,7 @@ class Attention(nnx.Module):
     num_kv_heads: int | None = None,
     qk_norm: bool = False,
     qk_norm_scope: str = "head",
+    qkv_bias: bool = False,
     norm_eps: float = 1e-6,
     impl: str = "auto",
     param_dtype=jnp.float32,
@@ -56,6 +58,10 @@ class Attention(nnx.Module):
     self.wk = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wv = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wo = make((num_heads, head_dim, d_model), ("heads", "kv", "embed"), out_std)
+    zeros = lambda heads: nnx.Param(jnp.zeros((heads, head_dim), param_dtype), axes=("heads", "kv"))
+    self.bq = zeros(num_heads) if qkv_bias else None
+    self.bk = zeros(num_kv_heads) if qkv_bias else None
+    self.bv = zeros(num_kv_heads) if qkv_bias else None
     if qk_norm_scope == "all_heads":
       norm = lambda heads: RMSNorm(
         (heads, head_dim), eps=norm_eps, axes=("heads", "kv"), dtype=param_dtype
@@ -97,18 +103,18 @@ class Attention(nnx.Module):
   def _qkv(self, x_bld, offset):
     """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, RoPE applied to q and k."""
     dtype = x_bld.dtype
-    proj = lambda w, name: checkpoint_name(
-      sharding.constrain(
-        jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype)), _HEADS, self.rules
-      ),
-      name,
-    )
-    q, k = proj(self.wq, remat.QUERY_PROJ), proj(self.wk, remat.KEY_PROJ)
+
+    def proj(w, bias, name):
+      y = jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype))
+      y = y if bias is None else y + bias[...].astype(dtype)
+      return checkpoint_name(sharding.constrain(y, _HEADS, self.rules), name)
+
+    q, k = proj(self.wq, self.bq, remat.QUERY_PROJ), proj(self.wk, self.bk, remat.KEY_PROJ)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, self.rope_theta, offset)
     k = apply_rope(k, self.rope_theta, offset)
-    return q, k, proj(self.wv, remat.VALUE_PROJ)
+    return q, k, proj(self.wv, self.bv, remat.VALUE_PROJ)
 
   def _attend(self, q_blhk, k_bmgk, v_bmgk, *, offset):
     dtype = q_blhk.dtype

@@ -108,3 +108,18 @@ class DenseMLP(nnx.Module):
   def __call__(self, x_bld):
     out = jnp.einsum("blf,fd->bld", self.hidden(x_bld), self.w_out[...].astype(x_bld.dtype))
     return checkpoint_name(out, remat.MLP_WO)
+
+
+class SigmoidGated(nnx.Module):
+  """`module(x) * sigmoid(x w)`, one gate value per token (Qwen2-MoE's shared expert gate).
+
+  `gate`: [d_model] float32, zeros at init (the gate starts at one half).
+  """
+
+  def __init__(self, module: nnx.Module, d_model: int):
+    self.module = module
+    self.gate = nnx.Param(jnp.zeros((d_model,), jnp.float32), axes=("embed",))
+
+  def __call__(self, x_bld):
+    logit_bl = jnp.einsum("bld,d->bl", x_bld.astype(jnp.float32), self.gate[...])
+    return self.module(x_bld) * jax.nn.sigmoid(logit_bl)[..., None].astype(x_bld.dtype)

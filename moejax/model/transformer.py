@@ -23,7 +23,7 @@ from moejax.model import routers
 from moejax.model.attention import Attention
 from moejax.model.blocks import Block, is_moe_layer  # noqa: F401 - is_moe_layer re-exported
 from moejax.model.experts import ExpertBank
-from moejax.model.layers import DenseMLP, RMSNorm, param
+from moejax.model.layers import DenseMLP, RMSNorm, SigmoidGated, param
 from moejax.model.moe_layer import MoELayer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -62,6 +62,7 @@ class Transformer(nnx.Module):
         num_kv_heads=m.num_kv_heads,
         qk_norm=m.qk_norm,
         qk_norm_scope=m.qk_norm_scope,
+        qkv_bias=m.qkv_bias,
         norm_eps=m.norm_eps,
         impl=m.attention_impl,
         **init,
@@ -72,6 +73,8 @@ class Transformer(nnx.Module):
         # K_s shared experts of width d_expert, summed, are one dense MLP of width K_s * d_expert
         # (activations act per hidden unit), added unweighted (DeepSeekMoE).
         shared = mlp(moe.num_shared_experts * d_expert) if moe.num_shared_experts else None
+        if shared is not None and moe.shared_expert_gate:
+          shared = SigmoidGated(shared, d)
         ffn = MoELayer(
           router=router,
           experts=experts,

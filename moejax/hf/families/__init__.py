@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from moejax.hf.families import base, mixtral, olmoe, qwen3_moe
+from moejax.hf.families import base, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-FAMILIES = {module.MODEL_TYPE: module for module in (mixtral, qwen3_moe, olmoe)}
+FAMILIES = {module.MODEL_TYPE: module for module in (mixtral, qwen3_moe, olmoe, qwen2_moe)}
 
 
 def get(model_type: str):

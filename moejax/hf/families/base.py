@@ -134,8 +134,14 @@ def configure_common(cfg, f: Fields) -> None:
   f.expect("hidden_act", ("silu",), "moejax's swiglu uses silu")
   f.expect("tie_word_embeddings", (False,), "tied input/output embeddings")
   f.expect("attention_bias", (False,), "biases on the attention projections")
-  f.expect("sliding_window", (None,), "sliding-window attention")
+  if f.get("use_sliding_window") is False:  # the window fields are then unused
+    f.get("sliding_window"), f.get("max_window_layers")
+  else:
+    f.expect("sliding_window", (None,), "sliding-window attention")
   f.expect("use_sliding_window", (False,), "sliding-window attention")
+  layer_types = f.get("layer_types") or []
+  if set(layer_types) - {"full_attention"}:
+    raise UnsupportedError(f"{f.model_type}: layer_types={layer_types}: only full attention")
   f.expect("rope_scaling", (None,), "RoPE scaling")
   rope = f.get("rope_parameters")
   if rope is not None:
