@@ -31,7 +31,6 @@ DISPATCHES = ("capacity", "dropless", "all_to_all")  # moejax/model/moe_layer.py
 GROUP_LAYOUTS = ("sequence", "position")
 DTYPES = ("float32", "bfloat16")
 DECODE_POLICIES = ("fail", "skip")
-QK_NORM_SCOPES = ("head", "all_heads")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,9 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.num_kv_heads = config_dict.placeholder(int)  # grouped-query attention; None = num_heads
   m.qk_norm = False  # RMSNorm of q and k over head_dim before RoPE (Qwen3)
-  # "head": over each head's dimension (Qwen3); "all_heads": one norm over all heads' dimensions
-  # of q (and of k), before splitting into heads (OLMoE).
-  m.qk_norm_scope = "head"
+  m.qk_norm_scope = "head"  # QK-norm over each head ("head") or all heads at once ("all_heads")
   m.qkv_bias = False  # learned biases on the q, k and v projections (Qwen2), none on the output
   m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
   # The blocks run under nnx.scan over a repeating unit of moe_every layers (1 if dense): the
@@ -81,8 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.eval_dispatch = config_dict.placeholder(str)  # dispatch at evaluation; None = moe.dispatch
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
-  # Scale the shared experts' output per token by sigmoid(x w) (Qwen2-MoE); needs shared experts.
-  moe.shared_expert_gate = False
+  moe.shared_expert_gate = False  # scale the shared experts' output by sigmoid(x w) (Qwen2-MoE)
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
   for family, options in routers.option_defaults().items():
     if family in moe:
@@ -239,7 +235,7 @@ _NON_NEGATIVE = (
 )
 _ONE_OF = (
   ("model.activation", ACTIVATIONS),
-  ("model.qk_norm_scope", QK_NORM_SCOPES),
+  ("model.qk_norm_scope", ("head", "all_heads")),
   ("model.dtype", DTYPES),
   ("model.param_dtype", DTYPES),
   ("optim.moment_dtype", DTYPES),
@@ -290,10 +286,7 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
     )
   _validate_large_model(cfg)
   if m.moe.shared_expert_gate and not (m.moe_every and m.moe.num_shared_experts):
-    raise ConfigError(
-      "model.moe.shared_expert_gate=True gates the shared experts, but there are none: set "
-      "model.moe.num_shared_experts >= 1 (and moe_every >= 1) or shared_expert_gate=False"
-    )
+    raise ConfigError("model.moe.shared_expert_gate=True needs model.moe.num_shared_experts >= 1")
   if m.moe_every:
     _validate_moe(cfg)
   return _validate_mesh(cfg, num_devices)

@@ -170,7 +170,9 @@ def test_unknown_tensor_and_wrong_shape_are_refused(tmp_path):
   tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
   tensors["model.norm.weight"] = np.ones(31, np.float32)
   safetensors_io.write_file(str(model_dir / "model.safetensors"), sorted(tensors.items()))
-  with pytest.raises(base.UnsupportedError, match="model.norm.weight has shape.*q_proj.bias is not used"):
+  with pytest.raises(
+    base.UnsupportedError, match="model.norm.weight has shape.*q_proj.bias is not used"
+  ):
     convert.import_model(str(model_dir), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
@@ -185,3 +187,21 @@ def test_existing_workdir_and_missing_files_are_user_errors(tmp_path):
     convert.import_model(str(tmp_path / "nowhere"), str(tmp_path / "run2"))
   with pytest.raises(errors.ConfigError, match="config.json"):
     convert.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+
+
+def test_command_line_import_export_and_refusal(tmp_path, capsys):
+  from moejax import cli
+  from moejax.hf.__main__ import main
+
+  run, out = str(tmp_path / "run"), str(tmp_path / "out")
+  cli.run(main, ["import", "--model", os.path.join(FIXTURES, "olmoe"), "--workdir", run])
+  cli.run(main, ["export", "--workdir", run, "--out", out])
+  assert "exported" in capsys.readouterr().out
+  _assert_bit_identical(os.path.join(FIXTURES, "olmoe"), out)
+  bad = _copy_fixture(tmp_path, "olmoe", clip_qkv=8.0)
+  with pytest.raises(SystemExit) as info:
+    cli.run(main, ["import", "--model", str(bad), "--workdir", str(tmp_path / "run2")])
+  assert info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("moejax: error: olmoe: config field clip_qkv=8.0") and "\n" not in err
+  assert not (tmp_path / "run2").exists()

@@ -52,7 +52,11 @@ def test_options_build_their_parameters():
   "key,value,message",
   [
     ("qk_norm_scope", "per_token", "model.qk_norm_scope='per_token' is not one of"),
-    ("shared_expert_gate", True, "model.moe.shared_expert_gate=True gates the shared experts"),
+    (
+      "shared_expert_gate",
+      True,
+      "model.moe.shared_expert_gate=True needs model.moe.num_shared_experts",
+    ),
   ],
 )
 def test_bad_option_values_are_refused(key, value, message):

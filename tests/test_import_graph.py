@@ -7,7 +7,7 @@ Layers (docs/ARCHITECTURE.md), lowest first; a module may import its own layer o
     checkpoint, metrics, optim, faults
   2 config_lib, train_step, decode, cli
   3 restore, recipes, upcycle, training, dry_run
-  4 commands: train, evaluate, generate, plot (nothing imports them)
+  4 commands: train, evaluate, generate, plot (nothing imports them); hf/ (import / export)
   5 proj/ (research projects: the core never imports them)
 """
 
@@ -45,6 +45,7 @@ LAYERS = [
   ("moejax.evaluate", 4),
   ("moejax.generate", 4),
   ("moejax.plot", 4),
+  ("moejax.hf", 4),
   ("moejax.proj", 5),
 ]
 COMMANDS = ("moejax.train", "moejax.evaluate", "moejax.generate", "moejax.plot")

@@ -21,10 +21,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moejax import checkpoint, config_lib, errors, optim, restore, sharding, training, train_step
-from moejax.hf import safetensors_io
+from moejax import checkpoint, config_lib, errors, optim, restore, sharding, train_step, training
+from moejax.hf import families, safetensors_io
 from moejax.hf.families import base
-from moejax.hf import families
 
 HF_DIR = "hf"  # RUN/hf/: the imported config.json and tokenizer files
 # Files copied as they are between a model directory and RUN/hf/.

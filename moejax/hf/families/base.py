@@ -219,9 +219,7 @@ def swiglu_experts(cfg, i: int, prefix: str, names: tuple[str, str, str], e: int
   `w_in` is the activated (gate) branch, `w_gate` the linear (up) one.
   """
   d, x = cfg.model.d_model, f"blocks.{i}.ffn.experts"
-  gate, up, down = (
-    [f"{prefix}.{j}.{name}.weight" for j in range(e)] for name in names
-  )
+  gate, up, down = ([f"{prefix}.{j}.{name}.weight" for j in range(e)] for name in names)
   return [
     experts(f"{x}.w_in", gate, f, d),
     experts(f"{x}.w_gate", up, f, d),
