@@ -39,6 +39,7 @@ PASSTHROUGH = (
 )
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 MAX_SHARD_BYTES = 5 * 2**30
+DTYPES_FILE = "tensor_dtypes.json"  # RUN/hf/: each HF tensor's stored dtype, which export keeps
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -90,17 +91,20 @@ def assemble(reader: safetensors_io.Reader, t: base.Tensor, shape, dtype) -> np.
   pieces = [out] if len(t.hf) == 1 else list(out)
   for piece, name in zip(pieces, t.hf, strict=True):
     hf = reader.get(name)
+    hf = hf if t.rows is None else hf[np.asarray(t.rows)]
     piece[...] = (hf.T if t.transpose else hf).reshape(piece.shape).astype(dtype)
   return out
 
 
-def split(t: base.Tensor, value: np.ndarray, dtype) -> list[tuple[str, np.ndarray]]:
-  """The HF tensors of moejax array `value` (the inverse of `assemble`)."""
+def split(t: base.Tensor, value: np.ndarray, dtypes: dict) -> list[tuple[str, np.ndarray]]:
+  """The HF tensors of moejax array `value` (the inverse of `assemble`), in `dtypes[name]`."""
   pieces = [value] if len(t.hf) == 1 else list(value)
   out = []
   for name, piece in zip(t.hf, pieces, strict=True):
     flat = piece.reshape(t.hf_shape[::-1]).T if t.transpose else piece.reshape(t.hf_shape)
-    out.append((name, np.ascontiguousarray(flat.astype(dtype))))
+    if t.rows is not None:
+      flat = flat[np.argsort(np.asarray(t.rows))]
+    out.append((name, np.ascontiguousarray(flat.astype(dtypes[name]))))
   return out
 
 
@@ -114,7 +118,7 @@ def import_model(model_dir: str, workdir: str, mesh_overrides: dict | None = Non
   hf = read_hf_config(model_dir)
   cfg, family = moejax_config(hf)
   reader = safetensors_io.Reader(model_dir)
-  tensors = family.tensors(cfg)
+  tensors = family.tensors(cfg, hf)
   check_tensors(reader, tensors)
   _require_empty(workdir, "--workdir")
   mesh, rules = restore.make_inference_mesh(cfg, devices, mesh_overrides)
@@ -148,6 +152,9 @@ def import_model(model_dir: str, workdir: str, mesh_overrides: dict | None = Non
   os.makedirs(os.path.join(workdir, HF_DIR), exist_ok=True)
   with open(os.path.join(workdir, HF_DIR, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
+  dtypes = {name: reader.dtype_name(name) for t in tensors for name in t.hf}
+  with open(os.path.join(workdir, HF_DIR, DTYPES_FILE), "w") as f:
+    json.dump(dtypes, f, indent=0, sort_keys=True)
   _copy_passthrough(model_dir, os.path.join(workdir, HF_DIR))
   return cfg
 
@@ -173,11 +180,12 @@ def export_run(workdir: str, out: str, step: int | None = None, devices=None) ->
     **restore.flatten(jax.device_get(model.params)),
     **restore.flatten(jax.device_get(model.model_state)),
   }
-  dtype = safetensors_io.DTYPES["BF16" if cfg.model.param_dtype == "bfloat16" else "F32"]
+  tensors = family.tensors(cfg, hf)
+  dtypes = _export_dtypes(workdir, cfg, tensors)
 
   def hf_tensors():
-    for t in family.tensors(cfg):
-      yield from split(t, np.asarray(values[t.path]), dtype)
+    for t in tensors:
+      yield from split(t, np.asarray(values[t.path]), dtypes)
 
   os.makedirs(out, exist_ok=True)
   files = safetensors_io.write_sharded(out, hf_tensors(), MAX_SHARD_BYTES)
@@ -185,6 +193,17 @@ def export_run(workdir: str, out: str, step: int | None = None, devices=None) ->
     json.dump({**hf, **new_fields}, f, indent=2, sort_keys=True)
   _copy_passthrough(os.path.join(workdir, HF_DIR), out)
   return files
+
+
+def _export_dtypes(workdir: str, cfg, tensors: list[base.Tensor]) -> dict:
+  """Each HF tensor's dtype: as imported, else the model's parameter dtype."""
+  default = safetensors_io.DTYPES["BF16" if cfg.model.param_dtype == "bfloat16" else "F32"]
+  path = os.path.join(workdir, HF_DIR, DTYPES_FILE)
+  saved = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = {name: safetensors_io.DTYPES[kind] for name, kind in json.load(f).items()}
+  return {name: saved.get(name, default) for t in tensors for name in t.hf}
 
 
 def _copy_passthrough(source: str, target: str) -> None:

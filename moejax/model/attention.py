@@ -76,6 +76,11 @@ class Attention(nnx.Module):
   def num_kv_heads(self) -> int:
     return self.wk.shape[1]
 
+  def cache_shape(self) -> tuple[int, ...]:
+    """(*stacked layer axes, key/value heads G, head dim) of this layer's key/value cache."""
+    *stacked, _, kv_heads, head_dim = self.wk.shape
+    return (*stacked, kv_heads, head_dim)
+
   def __call__(self, x_bld):
     """[batch, length, d_model] -> [batch, length, d_model], causal."""
     q, k, v = self._qkv(x_bld, offset=0)

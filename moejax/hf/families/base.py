@@ -5,8 +5,9 @@ A family maps one Hugging Face `model_type` onto moejax:
   understood (mapped, checked to have the one value moejax computes, or in `IGNORED`), otherwise
   `UnsupportedError` names it;
 - `hf_config(cfg)`: the HF config fields of a moejax config (export);
-- `tensors(cfg)`: one `Tensor` per moejax parameter (per-layer names) saying which HF tensors
-  hold it and how (Linear weights are [out, in], moejax kernels [in, ...out]).
+- `tensors(cfg, hf)`: one `Tensor` per moejax parameter (per-layer names) saying which HF tensors
+  hold it and how (Linear weights are [out, in], moejax kernels [in, ...out]); `hf` is the HF
+  config, for layout choices moejax does not keep (DeepSeek's interleaved RoPE).
 
 Naming (einsum legend of the model): D d_model, H query heads, G key/value heads, K head dim,
 E experts, F expert hidden, V vocab.
@@ -60,14 +61,15 @@ class Tensor:
     hf_shape: the shape of each HF tensor.
     transpose: the HF tensor is a Linear weight [out, in]: moejax holds its transpose,
       reshaped (e.g. q_proj [H*K, D] -> wq [D, H, K]).
-    state: a non-parameter variable (model_state), e.g. DeepSeek's correction bias.
+    rows: moejax reads HF row rows[j] as its row j (a permutation of the HF tensor's first
+      axis, e.g. interleaved -> half-split rotary dimensions); None = as stored.
   """
 
   path: str
   hf: tuple[str, ...]
   hf_shape: tuple[int, ...]
   transpose: bool = False
-  state: bool = False
+  rows: tuple[int, ...] | None = None
 
 
 def linear(path: str, hf: str, out_features: int, in_features: int) -> Tensor:

@@ -41,7 +41,8 @@ def hf_config(cfg) -> dict:
   }
 
 
-def tensors(cfg) -> list[base.Tensor]:
+def tensors(cfg, hf: dict) -> list[base.Tensor]:
+  del hf  # every tensor follows from the moejax config
   m, moe = cfg.model, cfg.model.moe
   out = base.outer_tensors(cfg)
   for i in range(m.num_layers):

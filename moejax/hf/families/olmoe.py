@@ -38,7 +38,8 @@ def hf_config(cfg) -> dict:
   return {**out, "intermediate_size": moe.d_expert or m.d_ff, "clip_qkv": None}
 
 
-def tensors(cfg) -> list[base.Tensor]:
+def tensors(cfg, hf: dict) -> list[base.Tensor]:
+  del hf  # every tensor follows from the moejax config
   m = cfg.model
   k = m.head_dim or m.d_model // m.num_heads
   width = {"q": m.num_heads * k, "k": (m.num_kv_heads or m.num_heads) * k}
@@ -46,6 +47,6 @@ def tensors(cfg) -> list[base.Tensor]:
   for i in range(m.num_layers):
     out += qwen3_moe.layer_tensors(cfg, i)
     for x in "qk":  # HF [heads * K] -> moejax scale [heads, K]
-      hf = f"model.layers.{i}.self_attn.{x}_norm.weight"
-      out.append(base.Tensor(f"blocks.{i}.attention.{x}_norm.scale", (hf,), (width[x],)))
+      name = f"model.layers.{i}.self_attn.{x}_norm.weight"
+      out.append(base.Tensor(f"blocks.{i}.attention.{x}_norm.scale", (name,), (width[x],)))
   return out

@@ -39,7 +39,8 @@ def hf_config(cfg) -> dict:
   }
 
 
-def tensors(cfg) -> list[base.Tensor]:
+def tensors(cfg, hf: dict) -> list[base.Tensor]:
+  del hf  # every tensor follows from the moejax config
   m, moe = cfg.model, cfg.model.moe
   k, d = m.head_dim, m.d_model
   heads = {"q": m.num_heads, "k": m.num_kv_heads or m.num_heads, "v": m.num_kv_heads or m.num_heads}
@@ -49,8 +50,8 @@ def tensors(cfg) -> list[base.Tensor]:
     out += qwen3_moe.layer_tensors(cfg, i)
     if m.qkv_bias:
       for x, h in heads.items():  # HF [heads * K] -> moejax [heads, K]
-        hf = f"{p}.self_attn.{x}_proj.bias"
-        out.append(base.Tensor(f"blocks.{i}.attention.b{x}", (hf,), (h * k,)))
+        name = f"{p}.self_attn.{x}_proj.bias"
+        out.append(base.Tensor(f"blocks.{i}.attention.b{x}", (name,), (h * k,)))
     if (i + 1) % m.moe_every == 0 and moe.num_shared_experts:
       shared, width = f"blocks.{i}.ffn.shared_experts", moe.num_shared_experts * moe.d_expert
       out += base.swiglu_mlp(f"{shared}.module", f"{p}.mlp.shared_expert", d, width)

@@ -70,7 +70,8 @@ def layer_tensors(cfg, i: int) -> list[base.Tensor]:
   )
 
 
-def tensors(cfg) -> list[base.Tensor]:
+def tensors(cfg, hf: dict) -> list[base.Tensor]:
+  del hf  # every tensor follows from the moejax config
   k = cfg.model.head_dim
   out = base.outer_tensors(cfg)
   for i in range(cfg.model.num_layers):
