@@ -5,8 +5,9 @@ The fixtures (tests/fixtures/hf/<family>/) hold a tiny random-weight model saved
 is installed); this suite needs neither torch nor transformers. Per family:
 - logits of an imported model equal the reference at every position of a batch (float32, 1e-4);
 - greedy generation of 16 tokens (KV cache) gives the reference's tokens;
-- every MoE router, run on the reference router's own inputs, picks the same experts in the same
-  order with the same weights (1e-6);
+- every MoE router, run on the reference router's own inputs, picks the same experts with the same
+  weights (1e-6): in the same order for the softmax routers; as the same set for DeepSeek-V3,
+  whose reference returns its top-k unsorted;
 - import -> export gives every tensor bit-identical (float32, and bfloat16 for Mixtral);
 - an unsupported config field, model type or extra tensor is refused in one line with nothing
   written.
@@ -28,7 +29,8 @@ from moejax.hf import convert, safetensors_io
 from moejax.hf.families import base
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+# Fixture directories; deepseek_v3_variant: norm_topk_prob False, full-rank q, half-split RoPE.
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v3_variant"]
 
 
 def _reference(family):
@@ -88,8 +90,15 @@ def test_routers_choose_reference_experts_and_weights(family, imported):
     k = ref[f"router_experts_{i}"].shape[1]
     experts = np.asarray(routing.expert_index[0]).reshape(k, -1).T  # rank-major pairs
     weights = np.asarray(routing.combine_weight[0]).reshape(k, -1).T
-    np.testing.assert_array_equal(experts, ref[f"router_experts_{i}"])
-    np.testing.assert_allclose(weights, ref[f"router_weights_{i}"], atol=1e-6, rtol=0)
+    ref_experts, ref_weights = ref[f"router_experts_{i}"], ref[f"router_weights_{i}"]
+    if family.startswith("deepseek"):  # torch.topk(sorted=False): compare by expert id
+      order, ref_order = np.argsort(experts, -1), np.argsort(ref_experts, -1)
+      experts, weights = (np.take_along_axis(a, order, -1) for a in (experts, weights))
+      ref_experts, ref_weights = (
+        np.take_along_axis(a, ref_order, -1) for a in (ref_experts, ref_weights)
+      )
+    np.testing.assert_array_equal(experts, ref_experts)
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-6, rtol=0)
     assert len(np.unique(experts[:, 0])) > 1  # the tokens do not all pick one expert
 
 
@@ -205,3 +214,46 @@ def test_command_line_import_export_and_refusal(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("moejax: error: olmoe: config field clip_qkv=8.0") and "\n" not in err
   assert not (tmp_path / "run2").exists()
+
+
+def test_deepseek_bias_changes_choices_and_scanned_mla_decodes_the_same(imported):
+  """The imported correction bias matters (choices differ without it), and the MLA model run as
+  an nnx.scan over layers (restored into the scanned layout) gives the same logits and tokens."""
+  from moejax.model.routers import base as router_base
+  from moejax.model.routers import deepseek
+
+  workdir, restored, module = imported("deepseek_v3")
+  ref = _reference("deepseek_v3")
+  router = module.blocks[1].ffn.router
+  logits = router_base.router_logits(jnp.asarray(ref["router_x_0"])[None], router.kernel[...])[0]
+  o = router.options
+  choose = lambda bias: np.sort(
+    np.asarray(
+      deepseek.route_deepseek(
+        logits,
+        bias,
+        top_k=router.top_k,
+        route_scale=o.route_scale,
+        num_expert_groups=o.num_expert_groups,
+        top_expert_groups=o.top_expert_groups,
+      ).expert_index
+    ).reshape(router.top_k, -1),
+    axis=0,
+  )
+  assert np.abs(np.asarray(router.bias[...])).max() > 0
+  assert (choose(router.bias[...]) != choose(jnp.zeros_like(router.bias[...]))).any()
+
+  workdir, restored, _ = imported("deepseek_v3_variant")
+  ref = _reference("deepseek_v3_variant")
+  cfg = restored.cfg.copy_and_resolve_references()
+  cfg.model.scan_layers = True
+  scanned = restore.restore_model(workdir, cfg, restored.mesh, restored.rules)
+  with jax.set_mesh(scanned.mesh):
+    merged = nnx.merge(scanned.graphdef, scanned.params, scanned.model_state)
+    assert merged.scanned
+    logits, _ = merged(jnp.asarray(ref["input_ids"]), train=False)
+  assert np.max(np.abs(np.asarray(logits) - ref["logits"])) < 1e-4
+  tokens = generate.generate(
+    scanned, ref["greedy_prompt"], max_new_tokens=16, seed=0, temperature=0.0, top_k=0, top_p=1.0
+  )
+  np.testing.assert_array_equal(np.asarray(tokens), ref["greedy_tokens"])

@@ -1,5 +1,7 @@
 """The model options the Hugging Face families need, each usable (and checked) on its own:
-model.qk_norm_scope, model.qkv_bias, model.moe.shared_expert_gate."""
+model.qk_norm_scope, model.qkv_bias, model.moe.shared_expert_gate, model.attention='mla' with
+model.mla.*, model.first_dense_layers, the deepseek router's normalize_weights. (Their exact
+equivalence with the reference models is tested on the fixtures: tests/test_hf_convert.py.)"""
 
 import jax
 import numpy as np
@@ -52,15 +54,42 @@ def test_options_build_their_parameters():
   "key,value,message",
   [
     ("qk_norm_scope", "per_token", "model.qk_norm_scope='per_token' is not one of"),
-    (
-      "shared_expert_gate",
-      True,
-      "model.moe.shared_expert_gate=True needs model.moe.num_shared_experts",
-    ),
+    ("shared_expert_gate", True, "shared_expert_gate=True needs model.moe.num_shared_experts"),
+    ("attention", "gqa", "model.attention='gqa' is not one of: mha, mla"),
+    ("mla.qk_rope_head_dim", 5, "qk_rope_head_dim=5 even"),
+    ("mla.v_head_dim", 0, "model.mla.v_head_dim=0: must be positive"),
+    ("first_dense_layers", -1, "model.first_dense_layers=-1: must be >= 0"),
   ],
 )
 def test_bad_option_values_are_refused(key, value, message):
   cfg = tiny_config("unused")
-  (cfg.model.moe if key == "shared_expert_gate" else cfg.model)[key] = value
+  section = cfg.model.moe if key == "shared_expert_gate" else cfg.model
+  if key.startswith("mla."):
+    cfg.model.attention, section, key = "mla", cfg.model.mla, key[4:]
+  section[key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(cfg, 1)
+
+
+def test_first_dense_layers_are_dense_and_refuse_scanning():
+  cfg = tiny_config("unused")
+  cfg.model.num_layers, cfg.model.moe_every, cfg.model.first_dense_layers = 4, 1, 2
+  config_lib.validate(cfg, 1)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  assert [hasattr(b.ffn, "router") for b in model.blocks] == [False, False, True, True]
+  cfg.model.scan_layers = True
+  with pytest.raises(config_lib.ConfigError, match="first_dense_layers"):
+    config_lib.validate(cfg, 1)
+
+
+def test_deepseek_weights_without_normalisation_are_scaled_affinities():
+  from moejax.model.routers import deepseek
+
+  logits = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+  bias = np.random.default_rng(1).normal(scale=0.3, size=8).astype(np.float32)
+  routing = deepseek.route_deepseek(logits, bias, top_k=3, route_scale=2.5, normalize_weights=False)
+  experts = np.asarray(routing.expert_index).reshape(3, 6).T
+  chosen = np.argsort(-(1 / (1 + np.exp(-logits)) + bias), axis=-1)[:, :3]  # brute force
+  np.testing.assert_array_equal(np.sort(experts, -1), np.sort(chosen, -1))
+  expected = 2.5 / (1 + np.exp(-np.take_along_axis(logits, experts, -1)))
+  np.testing.assert_allclose(np.asarray(routing.combine_weight).reshape(3, 6).T, expected, 1e-6)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from moejax.hf.families import base, mixtral, olmoe, qwen2_moe, qwen3_moe
+from moejax.hf.families import base, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-FAMILIES = {module.MODEL_TYPE: module for module in (mixtral, qwen3_moe, olmoe, qwen2_moe)}
+FAMILIES = {
+  module.MODEL_TYPE: module for module in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v3)
+}
 
 
 def get(model_type: str):
