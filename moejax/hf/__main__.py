@@ -7,7 +7,8 @@ r"""Import and export Hugging Face MoE checkpoints.
 and writes a moejax run directory: config.json, an Orbax checkpoint at step 0 and RUN/hf/ (the
 HF config and tokenizer files). `moejax.train` continues it (--config configs/hf_import.py:RUN),
 `moejax.evaluate` and `moejax.generate` read it like any run. `export` writes config.json and
-sharded safetensors that `transformers` loads with `from_pretrained`. Families: mixtral.
+sharded safetensors that `transformers` loads with `from_pretrained`. Families: mixtral,
+qwen3_moe, qwen2_moe, olmoe, deepseek_v3 (moejax/hf/families/).
 """
 
 from __future__ import annotations
