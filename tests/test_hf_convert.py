@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from moejax import errors, generate, restore
+from moejax.data import tokenizer_files
 from moejax.hf import convert, safetensors_io
 from moejax.hf.families import base
 
@@ -257,3 +258,46 @@ def test_deepseek_bias_changes_choices_and_scanned_mla_decodes_the_same(imported
     scanned, ref["greedy_prompt"], max_new_tokens=16, seed=0, temperature=0.0, top_k=0, top_p=1.0
   )
   np.testing.assert_array_equal(np.asarray(tokens), ref["greedy_tokens"])
+
+
+def test_deepseek_multi_token_prediction_layer_is_skipped(tmp_path):
+  """DeepSeek-V3 stores its MTP module as layer num_hidden_layers; transformers ignores it, so
+  does the import (num_nextn_predict_layers=1), while an unknown layer is still refused."""
+  model_dir = _copy_fixture(tmp_path, "deepseek_v3")
+  reader = safetensors_io.Reader(str(model_dir))
+  tensors = {n: reader.get(n) for n in reader.names()}
+  tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+  safetensors_io.write_file(str(model_dir / "model.safetensors"), sorted(tensors.items()))
+  convert.import_model(str(model_dir), str(tmp_path / "run"))
+  tensors["model.layers.4.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+  safetensors_io.write_file(str(model_dir / "model.safetensors"), sorted(tensors.items()))
+  with pytest.raises(base.UnsupportedError, match="model.layers.4.eh_proj.weight is not used"):
+    convert.import_model(str(model_dir), str(tmp_path / "run2"))
+
+
+def test_generate_command_uses_the_imported_tokenizer(tmp_path, capsys):
+  """`moejax.generate` on an imported run encodes and decodes with the model's tokenizer.json:
+  the printed text is the prompt and the greedy tokens of the KV-cache sampler, as words."""
+  from moejax import generate as generate_lib
+  from tests import prepared_corpus
+
+  model_dir = _copy_fixture(tmp_path, "mixtral")
+  prepared_corpus.number_tokenizer(model_dir / "tokenizer.json", 94)  # ids 0..93, </s> = 94
+  (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+  run = str(tmp_path / "run")
+  convert.import_model(str(model_dir), run)
+  texts = generate_lib.main(
+    ["--workdir", run, "--prompt", "5 17 33", "--temperature", "0", "--max_new_tokens", "6"]
+  )
+  cfg = restore.load_run_config(run)
+  mesh, rules = restore.make_inference_mesh(cfg)
+  model = restore.restore_model(run, cfg, mesh, rules)
+  prompt = np.tile(np.asarray([[5, 17, 33]], np.int32), (generate_lib.num_rows(cfg, mesh, 1), 1))
+  ids = np.asarray(
+    generate.generate(model, prompt, max_new_tokens=6, seed=0, temperature=0.0, top_k=0, top_p=1.0)
+  )[0].tolist()
+  ids = ids[: ids.index(94)] if 94 in ids else ids  # the text ends at eos (</s>)
+  tokenizer = tokenizer_files.imported_tokenizer(run)
+  assert tokenizer.encode("5 17 33") == [5, 17, 33] and ids
+  assert texts[0] == tokenizer.decode([5, 17, 33] + ids)
+  assert texts[0] in capsys.readouterr().out

@@ -66,17 +66,20 @@ def moejax_config(hf: dict):
   return cfg, family
 
 
-def check_tensors(reader: safetensors_io.Reader, tensors: list[base.Tensor]) -> None:
-  """Every HF tensor the family needs exists with its shape, and none is left unused."""
-  problems, used = [], set()
+def check_tensors(reader: safetensors_io.Reader, tensors: list[base.Tensor], skip=()) -> None:
+  """Every HF tensor the family needs exists with its shape, and none is left unused (except
+  names starting with one of `skip`, which the family declares unused)."""
+  problems, used, stored = [], set(), set(reader.names())
   for t in tensors:
     for name in t.hf:
       used.add(name)
-      if name not in reader.names():
+      if name not in stored:
         problems.append(f"{name} is missing")
       elif reader.shape(name) != t.hf_shape:
         problems.append(f"{name} has shape {list(reader.shape(name))}, expected {list(t.hf_shape)}")
-  extra = [n for n in reader.names() if n not in used and not n.endswith(IGNORED_TENSORS)]
+  extra = [
+    n for n in sorted(stored - used) if not n.endswith(IGNORED_TENSORS) and not n.startswith(skip)
+  ]
   problems += [f"{name} is not used by moejax (unsupported)" for name in extra]
   if problems:
     more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -119,7 +122,7 @@ def import_model(model_dir: str, workdir: str, mesh_overrides: dict | None = Non
   cfg, family = moejax_config(hf)
   reader = safetensors_io.Reader(model_dir)
   tensors = family.tensors(cfg, hf)
-  check_tensors(reader, tensors)
+  check_tensors(reader, tensors, tuple(getattr(family, "unused_tensors", lambda hf: ())(hf)))
   _require_empty(workdir, "--workdir")
   mesh, rules = restore.make_inference_mesh(cfg, devices, mesh_overrides)
   mesh_shape = {a: mesh.shape[a] for a in sharding.MESH_AXES}

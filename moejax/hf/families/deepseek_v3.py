@@ -93,6 +93,12 @@ def hf_config(cfg) -> dict:
   }
 
 
+def unused_tensors(hf: dict) -> tuple[str, ...]:
+  """Name prefixes of the multi-token-prediction layers (after the last decoder layer)."""
+  first, extra = int(hf["num_hidden_layers"]), int(hf.get("num_nextn_predict_layers") or 0)
+  return tuple(f"model.layers.{first + j}." for j in range(extra))
+
+
 def _rotary_rows(before: int, rope: int, interleaved: bool) -> list[int]:
   """Rows of [before plain rows, rope rotary rows] in moejax's half-split rotary order."""
   rotary = np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)]) if interleaved else None
