@@ -98,12 +98,7 @@ class Attention(nnx.Module):
     Returns:
       ([batch, L, d_model], the cache with positions offset..offset+L-1 written).
     """
-    q, k, v = self._qkv(x_bld, offset)
-    start = (0, offset, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-    # Query offset + l sees keys <= offset + l: unwritten cache slots get probability exactly 0.
-    return self._attend(q, k, v, offset=offset), {"k": k, "v": v}
+    return decode_with_cache(self, x_bld, cache, offset)
 
   def _qkv(self, x_bld, offset):
     """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, RoPE applied to q and k."""
@@ -129,3 +124,14 @@ class Attention(nnx.Module):
     out = checkpoint_name(sharding.constrain(out, _HEADS, self.rules), remat.CONTEXT)
     out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
     return checkpoint_name(out, remat.OUT_PROJ)
+
+
+def decode_with_cache(module, x_bld, cache: dict, offset):
+  """`module.decode` of an attention with `_qkv(x, offset)` and `_attend(q, k, v, offset=)`:
+  writes the new keys and values at offset.. into the cache, then attends over it."""
+  q, k, v = module._qkv(x_bld, offset)
+  start = (0, offset, 0, 0)
+  k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+  v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+  # Query offset + l sees keys <= offset + l: unwritten cache slots get probability exactly 0.
+  return module._attend(q, k, v, offset=offset), {"k": k, "v": v}

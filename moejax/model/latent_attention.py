@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax import errors, sharding
+from moejax.model import attention
 from moejax.model.layers import RMSNorm, apply_rope, param
 from moejax.ops import attention as attention_ops
 
@@ -116,11 +116,7 @@ class LatentAttention(nnx.Module):
 
   def decode(self, x_bld, cache: dict, offset):
     """As `Attention.decode`; the cache holds the padded per-head keys and values."""
-    q, k, v = self._qkv(x_bld, offset)
-    start = (0, offset, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-    return self._attend(q, k, v, offset=offset), {"k": k, "v": v}
+    return attention.decode_with_cache(self, x_bld, cache, offset)
 
   def _qkv(self, x_bld, offset):
     """q, k, v [B, L, H, max(Kn + Kr, Kv)] (zero-padded), RoPE applied."""

@@ -162,6 +162,18 @@ def configure_common(cfg, f: Fields) -> None:
   moe.eval_dispatch = "dropless"
 
 
+def configure_softmax_router(cfg, f: Fields, experts_key: str, normalize: bool, aux: float):
+  """Softmax over all experts, then top-k (moejax's `switch` router), k weights renormalised
+  when `normalize`; the HF families train with a load-balancing loss and no z-loss."""
+  moe = cfg.model.moe
+  moe.num_experts = int(f.need(experts_key))
+  moe.top_k = int(f.need("num_experts_per_tok"))
+  moe.router = "switch"
+  moe.switch.normalize_weights = normalize
+  moe.switch.load_balance_loss_weight = float(f.get("router_aux_loss_coef", aux))
+  moe.switch.router_z_loss_weight = 0.0
+
+
 def common_hf_config(cfg, model_type: str, architecture: str) -> dict:
   m = cfg.model
   return {

@@ -15,13 +15,8 @@ def configure(cfg, f: base.Fields) -> None:
   m.d_ff = int(f.need("intermediate_size"))
   m.moe_every = 1
   moe.d_expert = m.d_ff
-  moe.num_experts = int(f.need("num_local_experts"))
-  moe.top_k = int(f.need("num_experts_per_tok"))
-  moe.router = "switch"
-  moe.switch.normalize_weights = True
+  base.configure_softmax_router(cfg, f, "num_local_experts", normalize=True, aux=0.001)
   moe.switch.jitter_eps = float(f.get("router_jitter_noise", 0.0))
-  moe.switch.load_balance_loss_weight = float(f.get("router_aux_loss_coef", 0.001))
-  moe.switch.router_z_loss_weight = 0.0  # Mixtral trains without a z-loss
 
 
 def hf_config(cfg) -> dict:

@@ -20,12 +20,8 @@ def configure(cfg, f: base.Fields) -> None:
   m.d_ff = int(f.need("intermediate_size"))
   m.moe_every = 1
   moe.d_expert = m.d_ff
-  moe.num_experts = int(f.need("num_experts"))
-  moe.top_k = int(f.need("num_experts_per_tok"))
-  moe.router = "switch"
-  moe.switch.normalize_weights = bool(f.get("norm_topk_prob", False))
-  moe.switch.load_balance_loss_weight = float(f.get("router_aux_loss_coef", 0.01))
-  moe.switch.router_z_loss_weight = 0.0  # OLMoE's optional z-loss is not in the HF config
+  normalize = bool(f.get("norm_topk_prob", False))
+  base.configure_softmax_router(cfg, f, "num_experts", normalize=normalize, aux=0.01)
 
 
 def hf_config(cfg) -> dict:

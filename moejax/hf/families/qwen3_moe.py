@@ -19,12 +19,9 @@ def configure_qwen_moe(cfg, f: base.Fields) -> None:
   m.moe_every = int(f.get("decoder_sparse_step", 1))
   f.expect("mlp_only_layers", ([],), "dense layers other than decoder_sparse_step's pattern")
   moe.d_expert = int(f.need("moe_intermediate_size"))
-  moe.num_experts = int(f.get("num_experts") or f.need("num_local_experts"))
-  moe.top_k = int(f.need("num_experts_per_tok"))
-  moe.router = "switch"
-  moe.switch.normalize_weights = bool(f.get("norm_topk_prob", False))
-  moe.switch.load_balance_loss_weight = float(f.get("router_aux_loss_coef", 0.001))
-  moe.switch.router_z_loss_weight = 0.0
+  key = "num_experts" if "num_experts" in f.hf else "num_local_experts"
+  normalize = bool(f.get("norm_topk_prob", False))
+  base.configure_softmax_router(cfg, f, key, normalize=normalize, aux=0.001)
 
 
 def configure(cfg, f: base.Fields) -> None:
