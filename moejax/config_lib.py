@@ -13,6 +13,7 @@ sources are named in `extensions` and imported before a saved config is read aga
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -21,7 +22,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from moejax import config_mesh, errors, faults, sharding
-from moejax.model import routers
+from moejax.model import latent_attention, routers
 from moejax.ops import attention as attention_ops
 from moejax.ops import remat as remat_ops
 
@@ -52,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   m.d_ff = 1024
   m.activation = "gelu"
   m.moe_every = 2  # layer i is MoE when (i + 1) % moe_every == 0; 0 = dense model
+  m.first_dense_layers = 0  # layers 0 .. n-1 are dense whatever moe_every (DeepSeek-V3)
   m.dtype = "float32"  # compute dtype; router math stays float32
   # Storage dtype of the parameters (the only copy: no separate float32 master weights); router
   # kernels and the DeepSeek bias stay float32. The optimizer updates in float32 (optim).
@@ -61,6 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.num_kv_heads = config_dict.placeholder(int)  # grouped-query attention; None = num_heads
   m.qk_norm = False  # RMSNorm of q and k over head_dim before RoPE (Qwen3)
+  m.qk_norm_scope = "head"  # QK-norm over each head ("head") or all heads at once ("all_heads")
+  m.qkv_bias = False  # learned biases on the q, k and v projections (Qwen2), none on the output
+  m.attention = "mha"  # or "mla": multi-head latent attention with the options model.mla.*
+  m.mla = ml_collections.ConfigDict(dataclasses.asdict(latent_attention.MLAOptions()))
   m.attention_impl = "auto"  # auto, reference, blockwise, xla, tpu_splash (moejax/ops/attention)
   m.scan_layers = False  # nnx.scan over units of moe_every layers; params get a layer axis
   m.remat = "none"  # per-block activation checkpointing: none, full, minimal, ... (ops/remat)
@@ -80,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   moe.exchange_factor = 2.0
   moe.d_expert = config_dict.placeholder(int)  # expert hidden size; None = model.d_ff
   moe.num_shared_experts = 0  # experts every token uses (DeepSeekMoE), one dense MLP
+  moe.shared_expert_gate = False  # scale the shared experts' output by sigmoid(x w) (Qwen2-MoE)
   moe.allow_noncausal = False  # let a token's routing see later tokens of its group (warned)
   for family, options in routers.option_defaults().items():
     if family in moe:
@@ -196,6 +203,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
   "model.moe_every",
+  "model.first_dense_layers",
   "model.moe.num_shared_experts",
   "optim.warmup_steps",
   "optim.grad_clip",
@@ -204,6 +212,8 @@ _NON_NEGATIVE = (
 )
 _ONE_OF = (
   ("model.activation", ACTIVATIONS),
+  ("model.qk_norm_scope", ("head", "all_heads")),
+  ("model.attention", ("mha", "mla")),
   ("model.dtype", DTYPES),
   ("model.param_dtype", DTYPES),
   ("optim.moment_dtype", DTYPES),
@@ -257,6 +267,10 @@ def validate(cfg, num_devices: int) -> dict[str, int]:
       "change one or set model.head_dim"
     )
   _validate_large_model(cfg)
+  if m.attention == "mla":
+    latent_attention.MLAOptions(**m.mla.to_dict())  # raises ConfigError naming the field
+  if m.moe.shared_expert_gate and not (m.moe_every and m.moe.num_shared_experts):
+    raise ConfigError("model.moe.shared_expert_gate=True needs model.moe.num_shared_experts >= 1")
   if m.moe_every:
     _validate_moe(cfg)
   return config_mesh.validate_mesh(cfg, num_devices)
@@ -275,6 +289,8 @@ def _validate_large_model(cfg) -> None:
       f"head dimension {m.head_dim or m.d_model // m.num_heads} must be even for rotary "
       "embeddings; change model.head_dim (or d_model / num_heads)"
     )
+  if m.scan_layers and m.first_dense_layers:
+    raise ConfigError("model.first_dense_layers > 0 breaks the repeating unit: scan_layers=False")
   unit = m.moe_every if m.moe_every else 1
   if m.scan_layers and m.num_layers % unit:
     raise ConfigError(

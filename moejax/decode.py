@@ -45,7 +45,7 @@ def init_cache(model, batch: int, max_len: int) -> list[dict[str, jax.Array]]:
   """
   caches = []
   for block in model.block_modules():
-    *stacked, _, kv_heads, head_dim = block.attention.wk.shape
+    *stacked, kv_heads, head_dim = block.attention.cache_shape()
     shape = (*stacked, batch, max_len, kv_heads, head_dim)
     axes = (None,) * len(stacked) + _CACHE_AXES
     zeros = sharding.constrain(jnp.zeros(shape, model.dtype), axes, model.rules)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from moejax import cli, errors, restore, train_step
-from moejax.data import mixture, pipeline, shard_format, sources
+from moejax.data import mixture, pipeline, shard_format, sources, tokenizer_files
 
 
 def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
@@ -46,7 +46,9 @@ def load_batches(cfg, workdir: str, data: str | None, num_batches: int | None):
   documents = sources.load_documents(
     data, jsonl_field=cfg.data.jsonl_field, decode_errors=cfg.data.decode_errors
   )
-  tokenizer = pipeline.run_tokenizer(cfg.data, workdir)
+  tokenizer = tokenizer_files.imported_tokenizer(workdir) or pipeline.run_tokenizer(
+    cfg.data, workdir
+  )
   tokens = pipeline.encode_documents(cfg.data.source, documents, tokenizer)
   blocks = pipeline.pack_blocks(tokens, t.seq_len)
   return pipeline.eval_batches(

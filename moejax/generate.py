@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moejax import cli, config_lib, decode, errors, restore, sharding
-from moejax.data import pipeline
+from moejax.data import pipeline, tokenizer_files
 
 
 def filter_logits(logits_bv, *, top_k: int = 0, top_p: float = 1.0):
@@ -171,7 +171,9 @@ def main(argv=None) -> list[str]:
       raise errors.ConfigError(f"--{name}={getattr(args, name)}: must be {fix}")
   cfg = restore.load_run_config(args.workdir)
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=restore.parse_mesh(args.mesh))
-  tokenizer = pipeline.run_tokenizer(cfg.data, args.workdir)
+  tokenizer = tokenizer_files.imported_tokenizer(args.workdir) or pipeline.run_tokenizer(
+    cfg.data, args.workdir
+  )
   ids = tokenizer.encode(args.prompt)
   if not ids:
     raise errors.ConfigError("--prompt encodes to no token; give some text")

@@ -7,7 +7,7 @@ Layers (docs/ARCHITECTURE.md), lowest first; a module may import its own layer o
     checkpoint, metrics, optim, faults
   2 config_lib, train_step, decode, cli
   3 restore, recipes, upcycle, training, dry_run
-  4 commands: train, evaluate, generate, plot, token_counts (nothing imports them)
+  4 commands: train, evaluate, generate, plot, token_counts, hf/ (nothing imports them)
   5 proj/ (research projects: the core never imports them)
 """
 
@@ -47,6 +47,7 @@ LAYERS = [
   ("moejax.generate", 4),
   ("moejax.plot", 4),
   ("moejax.token_counts", 4),
+  ("moejax.hf", 4),
   ("moejax.proj", 5),
 ]
 COMMANDS = (

@@ -13,6 +13,7 @@ Both are wrapped in one small interface (`vocab_size`, `eos_id`, `encode`, `enco
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -126,6 +127,20 @@ def load(path: str, eos_token: str = ""):
       "sentencepiece .model or tokenizer.json"
     ) from None
   return from_bytes(data, os.path.basename(path), eos_token)
+
+
+def imported_tokenizer(workdir: str):
+  """The tokenizer a run imported from Hugging Face came with (WORKDIR/hf/tokenizer.json, its eos
+  token from hf/tokenizer_config.json), or None for any other run."""
+  path = os.path.join(os.fspath(workdir), "hf", "tokenizer.json")
+  if not os.path.exists(path):
+    return None
+  eos, config = "", os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  if os.path.exists(config):
+    with open(config) as f:
+      token = json.load(f).get("eos_token") or ""
+    eos = token.get("content", "") if isinstance(token, dict) else token
+  return load(path, eos)
 
 
 def sha256_of(data: bytes) -> str:

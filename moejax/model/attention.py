@@ -1,8 +1,10 @@
 """Causal self-attention with rotary position embeddings, grouped-query heads and optional QK-norm.
 
 Queries have H heads, keys and values G heads (G divides H; query head h reads key/value head
-h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` (Qwen3)
-q and k are RMS-normalised over the head dimension before RoPE. The kernel is
+h // (H / G), grouped-query attention; G = H is plain multi-head attention). With `qk_norm` q and
+k are RMS-normalised before RoPE: over each head's dimension (`qk_norm_scope` "head", Qwen3), or
+over all heads' dimensions at once ("all_heads", OLMoE: scales [H, K] and [G, K]). `qkv_bias`
+adds learned biases to q, k and v (Qwen2). The kernel is
 `moejax.ops.attention.attention` (`impl`: "auto" picks by platform: splash on TPU, cuDNN / XLA on
 GPU, blockwise online softmax on CPU for long sequences, the plain reference otherwise); every
 kernel computes the same function, scores in float32.
@@ -42,6 +44,8 @@ class Attention(nnx.Module):
     rules: sharding.Rules | None = None,
     num_kv_heads: int | None = None,
     qk_norm: bool = False,
+    qk_norm_scope: str = "head",
+    qkv_bias: bool = False,
     norm_eps: float = 1e-6,
     impl: str = "auto",
     param_dtype=jnp.float32,
@@ -56,14 +60,28 @@ class Attention(nnx.Module):
     self.wk = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wv = make((d_model, num_kv_heads, head_dim), ("embed", "heads", "kv"), init_std)
     self.wo = make((num_heads, head_dim, d_model), ("heads", "kv", "embed"), out_std)
-    norm = lambda: RMSNorm(head_dim, eps=norm_eps, axes=("kv",), dtype=param_dtype)
-    self.q_norm = norm() if qk_norm else None
-    self.k_norm = norm() if qk_norm else None
+    zeros = lambda heads: nnx.Param(jnp.zeros((heads, head_dim), param_dtype), axes=("heads", "kv"))
+    self.bq = zeros(num_heads) if qkv_bias else None
+    self.bk = zeros(num_kv_heads) if qkv_bias else None
+    self.bv = zeros(num_kv_heads) if qkv_bias else None
+    if qk_norm_scope == "all_heads":
+      norm = lambda heads: RMSNorm(
+        (heads, head_dim), eps=norm_eps, axes=("heads", "kv"), dtype=param_dtype
+      )
+    else:
+      norm = lambda heads: RMSNorm(head_dim, eps=norm_eps, axes=("kv",), dtype=param_dtype)
+    self.q_norm = norm(num_heads) if qk_norm else None
+    self.k_norm = norm(num_kv_heads) if qk_norm else None
     self.rope_theta = rope_theta
 
   @property
   def num_kv_heads(self) -> int:
     return self.wk.shape[1]
+
+  def cache_shape(self) -> tuple[int, ...]:
+    """(*stacked layer axes, key/value heads G, head dim) of this layer's key/value cache."""
+    *stacked, _, kv_heads, head_dim = self.wk.shape
+    return (*stacked, kv_heads, head_dim)
 
   def __call__(self, x_bld):
     """[batch, length, d_model] -> [batch, length, d_model], causal."""
@@ -82,28 +100,23 @@ class Attention(nnx.Module):
     Returns:
       ([batch, L, d_model], the cache with positions offset..offset+L-1 written).
     """
-    q, k, v = self._qkv(x_bld, offset)
-    start = (0, offset, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-    # Query offset + l sees keys <= offset + l: unwritten cache slots get probability exactly 0.
-    return self._attend(q, k, v, offset=offset), {"k": k, "v": v}
+    return decode_with_cache(self, x_bld, cache, offset)
 
   def _qkv(self, x_bld, offset):
     """q [B, L, H, K], k and v [B, L, G, K] in the compute dtype, RoPE applied to q and k."""
     dtype = x_bld.dtype
-    proj = lambda w, name: checkpoint_name(
-      sharding.constrain(
-        jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype)), _HEADS, self.rules
-      ),
-      name,
-    )
-    q, k = proj(self.wq, remat.QUERY_PROJ), proj(self.wk, remat.KEY_PROJ)
+
+    def proj(w, bias, name):
+      y = jnp.einsum("bld,dhk->blhk", x_bld, w[...].astype(dtype))
+      y = y if bias is None else y + bias[...].astype(dtype)
+      return checkpoint_name(sharding.constrain(y, _HEADS, self.rules), name)
+
+    q, k = proj(self.wq, self.bq, remat.QUERY_PROJ), proj(self.wk, self.bk, remat.KEY_PROJ)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, self.rope_theta, offset)
     k = apply_rope(k, self.rope_theta, offset)
-    return q, k, proj(self.wv, remat.VALUE_PROJ)
+    return q, k, proj(self.wv, self.bv, remat.VALUE_PROJ)
 
   def _attend(self, q_blhk, k_bmgk, v_bmgk, *, offset):
     dtype = q_blhk.dtype
@@ -132,3 +145,14 @@ def per_shard(kernel, rules: sharding.Rules):
     out_specs=spec,
     check_vma=False,
   )
+
+
+def decode_with_cache(module, x_bld, cache: dict, offset):
+  """`module.decode` of an attention with `_qkv(x, offset)` and `_attend(q, k, v, offset=)`:
+  writes the new keys and values at offset.. into the cache, then attends over it."""
+  q, k, v = module._qkv(x_bld, offset)
+  start = (0, offset, 0, 0)
+  k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+  v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+  # Query offset + l sees keys <= offset + l: unwritten cache slots get probability exactly 0.
+  return module._attend(q, k, v, offset=offset), {"k": k, "v": v}

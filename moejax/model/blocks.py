@@ -33,9 +33,10 @@ from moejax.ops import remat as remat_lib
 LAYER_AXIS = "layers"  # logical name of the stacked layer axis (replicated by default)
 
 
-def is_moe_layer(index: int, moe_every: int) -> bool:
-  """Layer `index` (0-based) is MoE when (index + 1) % moe_every == 0 (moe_every 2: 1, 3, ...)."""
-  return moe_every > 0 and (index + 1) % moe_every == 0
+def is_moe_layer(index: int, moe_every: int, first_dense: int = 0) -> bool:
+  """Layer `index` (0-based) is MoE when (index + 1) % moe_every == 0 (moe_every 2: 1, 3, ...)
+  and it is not one of the `first_dense` first layers."""
+  return moe_every > 0 and index >= first_dense and (index + 1) % moe_every == 0
 
 
 def unit_size(moe_every: int) -> int:

@@ -34,18 +34,22 @@ def activation_fn(name: str):
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm over the last axis, computed in float32, returned in the input dtype.
+  """Root-mean-square norm over the last axis (or, for a tuple `dim`, over the last len(dim)
+  axes jointly), computed in float32, returned in the input dtype.
 
-  `axes`: the logical axis of the scale ("embed" over d_model, "kv" over a head dimension).
+  `axes`: the logical axes of the scale ("embed" over d_model, "kv" over a head dimension).
   """
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, axes=("embed",), dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=tuple(axes))
+  def __init__(self, dim: int | tuple, *, eps: float = 1e-6, axes=("embed",), dtype=jnp.float32):
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    self.scale = nnx.Param(jnp.ones(shape, dtype), axes=tuple(axes))
+    self.norm_axes = tuple(range(-len(shape), 0))
     self.eps = eps
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    mean_square = jnp.mean(x32 * x32, axis=self.norm_axes, keepdims=True)
+    y = x32 * jax.lax.rsqrt(mean_square + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -104,3 +108,18 @@ class DenseMLP(nnx.Module):
   def __call__(self, x_bld):
     out = jnp.einsum("blf,fd->bld", self.hidden(x_bld), self.w_out[...].astype(x_bld.dtype))
     return checkpoint_name(out, remat.MLP_WO)
+
+
+class SigmoidGated(nnx.Module):
+  """`module(x) * sigmoid(x w)`, one gate value per token (Qwen2-MoE's shared expert gate).
+
+  `gate`: [d_model] float32, zeros at init (the gate starts at one half).
+  """
+
+  def __init__(self, module: nnx.Module, d_model: int):
+    self.module = module
+    self.gate = nnx.Param(jnp.zeros((d_model,), jnp.float32), axes=("embed",))
+
+  def __call__(self, x_bld):
+    logit_bl = jnp.einsum("bld,d->bl", x_bld.astype(jnp.float32), self.gate[...])
+    return self.module(x_bld) * jax.nn.sigmoid(logit_bl)[..., None].astype(x_bld.dtype)

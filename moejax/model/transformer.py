@@ -23,7 +23,8 @@ from moejax.model import routers
 from moejax.model.attention import Attention
 from moejax.model.blocks import Block, is_moe_layer  # noqa: F401 - is_moe_layer re-exported
 from moejax.model.experts import ExpertBank
-from moejax.model.layers import DenseMLP, RMSNorm, param
+from moejax.model.latent_attention import LatentAttention, MLAOptions
+from moejax.model.layers import DenseMLP, RMSNorm, SigmoidGated, param
 from moejax.model.moe_layer import MoELayer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -54,23 +55,15 @@ class Transformer(nnx.Module):
     mlp = lambda width: DenseMLP(d, width, activation=m.activation, **init)
     blocks = []
     for i in range(m.num_layers):
-      attn = Attention(
-        d,
-        m.num_heads,
-        head_dim,
-        rope_theta=m.rope_theta,
-        num_kv_heads=m.num_kv_heads,
-        qk_norm=m.qk_norm,
-        norm_eps=m.norm_eps,
-        impl=m.attention_impl,
-        **init,
-      )
-      if is_moe_layer(i, m.moe_every):
+      attn = _attention(m, head_dim, init)
+      if is_moe_layer(i, m.moe_every, m.first_dense_layers):
         router = routers.registry.build(moe, d_model=d, rngs=rngs)
         experts = ExpertBank(moe.num_experts, d, d_expert, activation=m.activation, **init)
         # K_s shared experts of width d_expert, summed, are one dense MLP of width K_s * d_expert
         # (activations act per hidden unit), added unweighted (DeepSeekMoE).
         shared = mlp(moe.num_shared_experts * d_expert) if moe.num_shared_experts else None
+        if shared is not None and moe.shared_expert_gate:
+          shared = SigmoidGated(shared, d)
         ffn = MoELayer(
           router=router,
           experts=experts,
@@ -138,3 +131,25 @@ class Transformer(nnx.Module):
       preferred_element_type=jnp.float32,
     )
     return sharding.constrain(logits, ("batch", "length", "act_vocab"), self.rules)
+
+
+def _attention(m, head_dim: int, init: dict):
+  """The attention of one layer: multi-head (GQA, QK-norm, biases) or latent (`model.attention`)."""
+  if m.attention == "mla":
+    options = MLAOptions(**m.mla.to_dict())
+    return LatentAttention(
+      m.d_model, m.num_heads, options, rope_theta=m.rope_theta, impl=m.attention_impl, **init
+    )
+  return Attention(
+    m.d_model,
+    m.num_heads,
+    head_dim,
+    rope_theta=m.rope_theta,
+    num_kv_heads=m.num_kv_heads,
+    qk_norm=m.qk_norm,
+    qk_norm_scope=m.qk_norm_scope,
+    qkv_bias=m.qkv_bias,
+    norm_eps=m.norm_eps,
+    impl=m.attention_impl,
+    **init,
+  )

@@ -8,7 +8,8 @@ them active per token) and adds shared experts every token uses; the shared expe
   (optional) group-limited routing      experts in G_e groups of E/G_e; keep the top_expert_groups
                                         groups by the sum of their top-2 selection scores
   top-k on the selection scores
-  weights = s at the chosen experts / their sum * route_scale
+  weights = s at the chosen experts / their sum * route_scale  (without the division when
+                                        normalize_weights is off: V3's norm_topk_prob=False)
 After each training step the bias moves toward balance: b_i += gamma * sign(mean_load - load_i),
 with load_i the number of this batch's choices (all routing groups) that went to expert i.
 
@@ -107,6 +108,7 @@ def route_deepseek(
   route_scale: float = 1.0,
   num_expert_groups: int = 1,
   top_expert_groups: int = 1,
+  normalize_weights: bool = True,
 ) -> base.SparseRouting:
   """DeepSeek-V3 routing of one group: sigmoid affinities, biased top-k selection.
 
@@ -118,6 +120,7 @@ def route_deepseek(
     route_scale: multiplies the normalised weights (each token's k weights sum to route_scale).
     num_expert_groups: G_e for group-limited routing; 1 = off.
     top_expert_groups: groups kept per token when G_e > 1.
+    normalize_weights: divide the k affinities by their sum before `route_scale`.
 
   Returns:
     SparseRouting with N = S*k pairs; pair r*S + s is token s's (r+1)-th choice.
@@ -134,9 +137,10 @@ def route_deepseek(
   # Shape: [S, K], choices by decreasing selection score.
   _, expert_sk = base.top_k(select_se, top_k)
   gate_sk = jnp.take_along_axis(scores_se, expert_sk, axis=-1)
-  # Sigmoids are positive; the floor only guards against all k underflowing to 0.
-  denom_s1 = jnp.maximum(jnp.sum(gate_sk, axis=-1, keepdims=True), 1e-30)
-  gate_sk = gate_sk / denom_s1 * route_scale
+  if normalize_weights:
+    # Sigmoids are positive; the floor only guards against all k underflowing to 0.
+    gate_sk = gate_sk / jnp.maximum(jnp.sum(gate_sk, axis=-1, keepdims=True), 1e-30)
+  gate_sk = gate_sk * route_scale
 
   chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
   norm_se = scores_se / jnp.sum(scores_se, axis=-1, keepdims=True)
@@ -178,7 +182,9 @@ class DeepSeekOptions:
   Shared experts are a layer option (model.moe.num_shared_experts), not the gate's.
 
   Attributes:
-    route_scale: each token's k weights sum to this (DeepSeek-V3 671B: 2.5).
+    route_scale: each token's k weights sum to this (DeepSeek-V3 671B: 2.5), or without
+      normalize_weights multiplies the k affinities.
+    normalize_weights: divide each token's k affinities by their sum (V3's norm_topk_prob).
     bias_update_rate: gamma of the bias update per training step (V3: 1e-3); 0 freezes b.
     num_expert_groups: G_e, a divisor of E; 1 = no group-limited routing.
     top_expert_groups: groups a token may route to when G_e > 1.
@@ -187,6 +193,7 @@ class DeepSeekOptions:
   """
 
   route_scale: float = 1.0
+  normalize_weights: bool = True
   bias_update_rate: float = 1e-3
   num_expert_groups: int = 1
   top_expert_groups: int = 1
@@ -255,6 +262,7 @@ class DeepSeekRouter(base.TokenChoiceRouter):
       route_scale=opts.route_scale,
       num_expert_groups=opts.num_expert_groups,
       top_expert_groups=opts.top_expert_groups,
+      normalize_weights=opts.normalize_weights,
     )
     routing = base.route_groups(route, base.router_logits(x_gsd, self.kernel[...]))
     new_bias_e, count_e = bias_update(
