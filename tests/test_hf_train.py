@@ -39,9 +39,9 @@ def _counting_corpus(tmp_path) -> str:
 def _logits(workdir, cfg, mesh_overrides, tokens, step):
   mesh, rules = restore.make_inference_mesh(cfg, mesh_overrides=mesh_overrides)
   model = restore.restore_model(workdir, cfg, mesh, rules, step=step)
-  with jax.set_mesh(mesh):
-    module = nnx.merge(model.graphdef, model.params, model.model_state)
-    logits, _ = module(jnp.asarray(tokens), train=False)
+  forward = lambda params, rest, x: nnx.merge(model.graphdef, params, rest)(x, train=False)[0]
+  with jax.set_mesh(mesh):  # jitted as every command runs it (shard_maps inside)
+    logits = jax.jit(forward)(model.params, model.model_state, jnp.asarray(tokens))
   return np.asarray(logits), jax.device_get(model.params)
 
 
