@@ -54,7 +54,8 @@ def make_train_step(
   `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
   (only `step` advances, so the data order is unchanged). `poison_step` is a test hook that
   makes the loss of that 1-based step NaN. `consistency` = (passes, weight): with 2 passes
-  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys,
+  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys
+  (one forward vmapped over both keys, so the weight gradients are reduced once),
   the cross-entropy is the sum of both passes' and `weight` times the symmetric KL of the two
   passes' output distributions is added (`consistency_loss` in the metrics).
   """
