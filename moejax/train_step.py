@@ -54,7 +54,8 @@ def make_train_step(
   `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
   (only `step` advances, so the data order is unchanged). `poison_step` is a test hook that
   makes the loss of that 1-based step NaN. `consistency` = (passes, weight): with 2 passes
-  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys,
+  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys
+  (one forward vmapped over both keys, so the weight gradients are reduced once),
   the cross-entropy is the sum of both passes' and `weight` times the symmetric KL of the two
   passes' output distributions is added (`consistency_loss` in the metrics).
   """
@@ -63,12 +64,33 @@ def make_train_step(
   if passes not in (1, 2):
     raise ValueError(f"{passes=}: a train step runs the model once or twice")
 
-  def loss_fn(params, model_state, batch, rng, step):
+  def forward(params, model_state, inputs, rng):
+    """(logits, aux, the model state the pass leaves) of one pass."""
     model = nnx.merge(graphdef, params, model_state)
-    logits, aux = model(batch["inputs"], train=True, rng=rng)
+    logits, aux = model(inputs, train=True, rng=rng)
+    # Non-parameter variables a module updated during the forward pass (e.g. a load-balancing
+    # bias updated by a rule instead of a gradient) leave the step through the new state.
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return logits, aux, nnx.to_pure_dict(new_model_state)
+
+  def two_passes(params, model_state, inputs, rng):
+    """Both passes as one vmapped forward over the two keys (rng, fold_in(rng, 1)): the weight
+    gradients of the passes are then one contraction, summed over the batch devices once
+    instead of once per pass. Both passes start from `model_state`; metrics and new state are
+    the first pass's. Returns (logits of pass 1, of pass 2, aux, new state)."""
+    keys = jnp.stack([jax.random.key_data(rng), jax.random.key_data(jax.random.fold_in(rng, 1))])
+    run = lambda key: forward(params, model_state, inputs, jax.random.wrap_key_data(key))
+    logits, aux, new_state = jax.vmap(run)(keys)
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+    return logits[0], logits[1], first(aux), first(new_state)
+
+  def loss_fn(params, model_state, batch, rng, step):
+    if passes == 2:
+      logits, second, aux, new_model_state = two_passes(params, model_state, batch["inputs"], rng)
+    else:
+      logits, aux, new_model_state = forward(params, model_state, batch["inputs"], rng)
     ce = faults.poison(cross_entropy(logits, batch["targets"]), step, poison_step)
     if passes == 2:
-      second, _ = model(batch["inputs"], train=True, rng=jax.random.fold_in(rng, 1))
       ce = ce + cross_entropy(second, batch["targets"])
       consistency_loss = aux_losses.symmetric_kl(logits, second)
       aux["losses"]["consistency_loss"] = consistency_loss
@@ -79,10 +101,7 @@ def make_train_step(
     for name, value in aux["losses"].items():
       total = total + aux_loss_weights.get(name, 0.0) * value
     metrics = {"loss": total, "cross_entropy": ce, **aux["losses"], **aux["metrics"]}
-    # Non-parameter variables a module updated during the forward pass (e.g. a load-balancing
-    # bias updated by a rule instead of a gradient) leave the step through the new state.
-    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return total, (metrics, nnx.to_pure_dict(new_model_state))
+    return total, (metrics, new_model_state)
 
   def step(state: dict[str, Any], batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])

@@ -47,7 +47,6 @@ from flax import nnx
 
 from moejax import errors
 from moejax.model.routers import base, registry
-
 from moejax.ops import routing
 
 BN_MOMENTUM = 0.99
