@@ -18,12 +18,20 @@ reduce-scatter B (n-1)/n of the gathered size, all-to-all B (n-1)/n; n devices i
   4 T k D (X-1)/X activation bytes (T tokens of this device; k pairs per token: top-k, or the
   router's pairs per token for expert choice / Soft MoE slots). A capacity buffer sends its
   slack too (its capacity factor times this); that is not in the minimum.
+- expert_reach: a family that computes its own output from the expert bank (SMEAR merges all
+  E experts for every token, PEER retrieves neurons spread over the whole pool) has no routed
+  pairs, but every token needs experts of every expert shard: at least the token to each other
+  shard and its partial output back, forward and backward, 4 T D (X-1) per MoE layer. (Moving
+  the expert weights to the tokens instead costs a gather and a gradient reduce-scatter of the
+  bank, far more for these models.) Such families have no expert_exchange term.
 - group_layout: with model.moe.group_layout='position' and routing groups holding sequences
   of several devices (group_size > the device's sequences), the tokens move to the device that
   routes their group and back, forward and backward: 4 T D (n-1)/n per MoE layer over the n
   batch devices. This is the layout's own price (a sequence layout, or groups of the device's
   own sequences, have none).
-Scalar reductions (loss, metrics, norms) are not counted.
+Routers that run the model several times per step (THOR's consistency passes) multiply every
+activation term (tensor_parallel, expert_exchange, expert_reach, group_layout) by the passes;
+the gradient is reduced once. Scalar reductions (loss, metrics, norms) are not counted.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.model import routers
 from moejax.model.moe_layer import MoELayer
 from moejax.model.transformer import Transformer, is_moe_layer
 
@@ -47,9 +56,12 @@ def _size(mesh_shape, axes) -> int:
 
 
 def pairs_per_token(model_cfg) -> float:
-  """(token, expert) pairs the dispatch moves per token, from the router's abstract output."""
+  """(token, expert) pairs the dispatch moves per token, from the router's abstract output
+  (0 for a family that computes its own output: no dispatch)."""
   moe = model_cfg.moe
   s = moe.group_size
+  if routers.get(moe.router).COMPUTES_OUTPUT:
+    return 0.0
   per_layer = model_cfg.copy_and_resolve_references()
   per_layer.scan_layers = False  # the routing of one layer does not depend on the layout
 
@@ -80,9 +92,8 @@ def minimum_bytes(cfg, mesh_shape: dict, rules, abstract_state) -> dict[str, flo
   tokens = t.batch_size * t.seq_len / n_batch
   act = 4 if m.dtype == "float32" else 2
   d = m.d_model
-  terms = dict.fromkeys(
-    ("gradient_reduce", "fsdp_gather", "tensor_parallel", "expert_exchange", "group_layout"), 0.0
-  )
+  names = ("gradient_reduce", "fsdp_gather", "tensor_parallel", "expert_exchange")
+  terms = dict.fromkeys(names + ("expert_reach", "group_layout"), 0.0)
   for leaf in jax.tree.leaves(abstract_state["params"]):
     spec = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
     sharded = {a for part in spec for a in _axes(part)}
@@ -104,7 +115,12 @@ def minimum_bytes(cfg, mesh_shape: dict, rules, abstract_state) -> dict[str, flo
   )
   x = _size(mesh_shape, expert_axes)
   terms["expert_exchange"] = num_moe * 4 * tokens * k * d * act * (x - 1) / x
+  if num_moe and routers.get(moe.router).COMPUTES_OUTPUT:
+    terms["expert_reach"] = num_moe * 4 * tokens * d * act * (x - 1)
   sequences_per_device = t.batch_size / n_batch
   if num_moe and moe.group_layout == "position" and moe.group_size > sequences_per_device:
     terms["group_layout"] = num_moe * 4 * tokens * d * act * (n_batch - 1) / n_batch
+  passes = routers.consistency(moe)[0]
+  for name in ("tensor_parallel", "expert_exchange", "expert_reach", "group_layout"):
+    terms[name] *= passes
   return terms

@@ -80,7 +80,8 @@ def make_train_step(
   `nonfinite_policy='skip'` such a step leaves params, optimizer and model state unchanged
   (only `step` advances, so the data order is unchanged). `poison_step` is a test hook that
   makes the loss of that 1-based step NaN. `consistency` = (passes, weight): with 2 passes
-  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys,
+  (THOR-style routers, `routers.consistency`) the model runs twice with different router keys
+  (one forward vmapped over both keys, so the weight gradients are reduced once),
   the cross-entropy is the sum of both passes' and `weight` times the symmetric KL of the two
   passes' output distributions is added (`consistency_loss` in the metrics).
   `loss_chunk`: tokens per cross-entropy chunk (0 = full logits); `microbatches`: gradient
@@ -92,18 +93,38 @@ def make_train_step(
   if passes not in (1, 2):
     raise ValueError(f"{passes=}: a train step runs the model once or twice")
 
-  def loss_fn(params, model_state, batch, rng, step):
+  def forward(params, model_state, inputs, rng, *, return_hidden=False):
+    """(logits or hidden states, aux, the model state the pass leaves, the model) of one pass."""
     model = nnx.merge(graphdef, params, model_state)
-    hidden, aux = model(batch["inputs"], train=True, rng=rng, return_hidden=True)
+    out, aux = model(inputs, train=True, rng=rng, return_hidden=return_hidden)
+    # Non-parameter variables a module updated during the forward pass (e.g. a load-balancing
+    # bias updated by a rule instead of a gradient) leave the step through the new state.
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return out, aux, nnx.to_pure_dict(new_model_state), model
+
+  def two_passes(params, model_state, inputs, rng):
+    """Both passes as one vmapped forward over the two keys (rng, fold_in(rng, 1)): the weight
+    gradients of the passes are then one contraction, summed over the batch devices once
+    instead of once per pass. Both passes start from `model_state`; metrics and new state are
+    the first pass's. Returns (logits of pass 1, of pass 2, aux, new state)."""
+    keys = jnp.stack([jax.random.key_data(rng), jax.random.key_data(jax.random.fold_in(rng, 1))])
+    run = lambda key: forward(params, model_state, inputs, jax.random.wrap_key_data(key))[:3]
+    logits, aux, new_state = jax.vmap(run)(keys)
+    first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+    return logits[0], logits[1], first(aux), first(new_state)
+
+  def loss_fn(params, model_state, batch, rng, step):
     if passes == 2:  # the symmetric KL needs both passes' full logits
-      logits = model.logits(hidden)
+      logits, second, aux, new_model_state = two_passes(params, model_state, batch["inputs"], rng)
       ce = faults.poison(cross_entropy(logits, batch["targets"]), step, poison_step)
-      second, _ = model(batch["inputs"], train=True, rng=jax.random.fold_in(rng, 1))
       ce = ce + cross_entropy(second, batch["targets"])
       consistency_loss = aux_losses.symmetric_kl(logits, second)
       aux["losses"]["consistency_loss"] = consistency_loss
       aux_loss_weights = {**base_weights, "consistency_loss": consistency_weight}
     else:
+      hidden, aux, new_model_state, model = forward(
+        params, model_state, batch["inputs"], rng, return_hidden=True
+      )
       ce = token_loss(model, hidden, batch["targets"], loss_chunk)
       ce = faults.poison(ce, step, poison_step)
       aux_loss_weights = base_weights
@@ -111,10 +132,7 @@ def make_train_step(
     for name, value in aux["losses"].items():
       total = total + aux_loss_weights.get(name, 0.0) * value
     metrics = {"loss": total, "cross_entropy": ce, **aux["losses"], **aux["metrics"]}
-    # Non-parameter variables a module updated during the forward pass (e.g. a load-balancing
-    # bias updated by a rule instead of a gradient) leave the step through the new state.
-    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
-    return total, (metrics, nnx.to_pure_dict(new_model_state))
+    return total, (metrics, new_model_state)
 
   def gradients(state, batch, rng):
     """(grads, metrics, new model state) of the whole batch, by microbatches when N > 1."""

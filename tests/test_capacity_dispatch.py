@@ -279,13 +279,14 @@ def test_capacity_moe_keeps_dtype_and_rejects_bad_expert_output():
 
 
 def test_capacity_moe_under_sharding_constraints():
-  # 8 CPU devices: groups over data=2, experts over expert=4; results must not change.
+  # 8 CPU devices: groups over data x expert (8 shards, one group each), experts over
+  # expert=4 (the dispatched buffer is exchanged between them); results must not change.
   mesh = jax.make_mesh((2, 1, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   num_experts = 4
   rng = np.random.default_rng(4)
-  x = normal(rng, 2, 8, 6)
+  x = normal(rng, 8, 8, 6)
   w = normal(rng, num_experts, 6, 6)
-  routing = random_routing(rng, 2, 8, num_experts, 2)
+  routing = random_routing(rng, 8, 8, num_experts, 2)
   expert_fn = lambda b: jnp.einsum("gecd,edf->gecf", b, w)
   run = lambda x, r, rules: capacity.capacity_moe(
     x, r, expert_fn, num_experts=num_experts, capacity=3, rules=rules

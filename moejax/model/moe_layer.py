@@ -148,7 +148,9 @@ class MoELayer(nnx.Module):
       )
     else:
       dispatch = self.settings.dispatch_for(train)
-      extra = {"exchange_factor": self.settings.exchange_factor} if dispatch == "dropless" else {}
+      # Evaluation never overflows the expert-parallel exchange (no factor: room for every pair).
+      factor = self.settings.exchange_factor if train else None
+      extra = {"exchange_factor": factor} if dispatch == "dropless" else {}
       y_gsd, metrics = DISPATCHES[dispatch](
         x_gsd,
         routing,

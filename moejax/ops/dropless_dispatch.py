@@ -3,9 +3,9 @@
 Inside a `jax.shard_map` manual over the group axes (each device holds its own groups and, on
 the expert axis of X devices, E/X experts):
   1. the device's M valid-or-not pairs (all its groups pooled) are sorted by destination shard
-     j = expert // (E/X); the first B of each destination get a send slot, B = a static bound
-     ceil(exchange_factor * M / X) (shapes must be static); pairs beyond it overflow: they are
-     dropped (zero output, the residual carries the token) and counted;
+     j = expert // (E/X); the first B of each destination get a send slot, B = a static
+     bound min(M, ceil(exchange_factor * M / X)) (shapes must be static); pairs beyond it
+     overflow: they are dropped (zero output, the residual carries the token) and counted;
   2. `all_to_all` over the expert axis: [X, B, D] rows (and their local expert ids) go to their
      destinations;
   3. the destination runs its E/X experts on the X * B received rows with the dropless grouped
@@ -14,8 +14,12 @@ the expert axis of X devices, E/X experts):
 So no expert bank is replicated and the exchange moves B * X rows per device each way, i.e.
 exchange_factor times the pairs of a perfectly balanced routing. A larger factor drops fewer
 pairs under imbalance and sends more slack; `dropped_fraction` reports the overflow (0 when the
-bound is never reached). A ragged exchange (send only the used rows: `ragged_all_to_all` on
-GPU/TPU) would remove the slack; XLA:CPU has none.
+bound is never reached). Evaluation and decoding pass no factor: the bound is the device's whole
+pool, so nothing is dropped (an overflow would make a token's output depend on the other tokens
+of the device's pool, later ones included, and on the mesh); its buffers are X times a balanced
+exchange's, held for one layer without a backward (choose a capacity `eval_dispatch` to bound
+them). A ragged exchange (send only the used rows: `ragged_all_to_all` on GPU/TPU) would remove
+the slack; XLA:CPU has none.
 
 Shapes: G groups (g on this device), S tokens per group, D d_model, E experts (e local), N pairs
 per group, M = g * N pooled pairs, X expert shards, B rows per destination.
@@ -72,7 +76,11 @@ def _local(
   x_td = x_gsd.reshape(g * s, d)
   token_m = (token_gn + (jnp.arange(g, dtype=jnp.int32) * s)[:, None]).reshape(-1)
   expert_m, weight_m, valid_m = expert_gn.reshape(-1), weight_gn.reshape(-1), valid_gn.reshape(-1)
-  bound = max(1, math.ceil(exchange_factor * token_m.shape[0] / num_shards))
+  pool = token_m.shape[0]
+  # None (evaluation): room for the whole pool at one destination, so nothing overflows. A
+  # bound above the pool would only send empty rows.
+  factor = num_shards if exchange_factor is None else exchange_factor
+  bound = max(1, min(pool, math.ceil(factor * pool / num_shards)))
   dest_m, slot_m, sent_m = send_plan(
     expert_m, valid_m, num_destinations=num_shards, experts_per_shard=e_local, bound=bound
   )
@@ -112,7 +120,7 @@ def expert_parallel_dropless(
   *,
   num_experts: int,
   rules,
-  exchange_factor: float,
+  exchange_factor: float | None,
   grouped_matmul: str | None = None,
 ):
   """The EP dropless layer (see the module docstring): (y_gsd, {"dropped_fraction"})."""
@@ -155,7 +163,7 @@ def dropless_moe(
   capacity: int | None = None,
   grouped_matmul: str | None = None,
   rules: sharding.Rules | None = None,
-  exchange_factor: float = 2.0,
+  exchange_factor: float | None = 2.0,
 ):
   """The `dropless` dispatch (same contract as `capacity.capacity_moe`; `capacity` is unused).
 
@@ -168,7 +176,8 @@ def dropless_moe(
     grouped_matmul: see `dropless_pairs`.
     rules: sharding rules; the mesh is the context mesh (`jax.set_mesh`). None: one device.
     exchange_factor: with experts split over devices, the per-destination bound of the
-      exchange in units of a balanced routing's pairs (moejax/ops/dropless_ep.py).
+      exchange in units of a balanced routing's pairs (see the module docstring); None: room
+      for all of a device's pairs at one destination (never drops; `MoELayer` at evaluation).
 
   Returns:
     y_gsd in x's dtype, and stats {"dropped_fraction"}: 0 unless expert-parallel pairs
