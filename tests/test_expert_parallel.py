@@ -67,8 +67,22 @@ def _has_tiny(name: str) -> bool:
     return False
 
 
+def _recipe_overrides(name: str) -> dict:
+  """Dropless recipes (Mixtral, Qwen3) are measured with an exchange bound of 1.0: the default
+  2.0's idle rows are a larger share of their FLOPs (wide experts, k = 2 and 4) than of
+  switch_base's, so the 1.15 slack of the switch_base rows below does not carry over."""
+  return (
+    {"exchange_factor": 1.0}
+    if recipe(name).get_config("tiny").model.moe.dispatch == ("dropless")
+    else {}
+  )
+
+
 MOE_RECIPES = [name for name in RECIPES if _has_tiny(name)]
-CASES = [pytest.param(name, "dp2_ep4", None, {}, id=f"{name}-dp2_ep4") for name in MOE_RECIPES] + [
+CASES = [
+  pytest.param(name, "dp2_ep4", None, _recipe_overrides(name), id=f"{name}-dp2_ep4")
+  for name in MOE_RECIPES
+] + [
   pytest.param("switch_base", mesh, dispatch, {}, id=f"switch_base-{mesh}-{dispatch}")
   for mesh in MESHES
   for dispatch in ("capacity", "all_to_all", "dropless")
