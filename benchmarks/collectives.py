@@ -139,14 +139,22 @@ def measure(cfg, devices, *, single_device: bool = True) -> dict:
     "flops_per_device": float(compiled.cost_analysis().get("flops", 0.0)),
   }
   if single_device:
-    one = cfg.copy_and_resolve_references()
+    flops = lambda c, d: float(
+      training.program_for(c, d).lower().compile().cost_analysis()["flops"]
+    )
+    # XLA's cost analysis counts a loop body once: a scanned model's FLOPs are compared on its
+    # per-layer twin (the same computation), on the mesh and on one device.
+    per_layer = cfg.copy_and_resolve_references()
+    per_layer.model.scan_layers = False
+    if cfg.model.scan_layers:
+      result["flops_per_device_per_layer_twin"] = flops(per_layer, devices)
+    one = per_layer.copy_and_resolve_references()
     for axis in sharding.MESH_AXES:
       one.mesh[axis] = 1
-    flops_one = float(
-      training.program_for(one, devices[:1]).lower().compile().cost_analysis()["flops"]
-    )
+    flops_one = flops(one, devices[:1])
     result["flops_single_device"] = flops_one
-    result["replicated_work"] = result["flops_per_device"] * n / flops_one
+    mesh_flops = result.get("flops_per_device_per_layer_twin", result["flops_per_device"])
+    result["replicated_work"] = mesh_flops * n / flops_one
   return result
 
 

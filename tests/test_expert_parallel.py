@@ -68,6 +68,13 @@ def _has_tiny(name: str) -> bool:
     return False
 
 
+def _recipe_overrides(name: str) -> dict:
+  """Dropless recipes (Mixtral, Qwen3) are measured with an exchange bound of 1.0: the default
+  2.0's idle rows are a larger share of their FLOPs (wide experts, k = 2 and 4) than of
+  switch_base's, so the 1.15 slack of the switch_base rows below does not carry over."""
+  return {"exchange_factor": 1.0} if name in ("mixtral_8x7b", "qwen3_moe_30b_a3b") else {}
+
+
 MOE_RECIPES = [name for name in RECIPES if _has_tiny(name)]
 # Known excess over the minimum on {data 2, expert 4} (docs/PERFORMANCE.md), measured as a
 # collective ratio; strict, so a fix shows up as an unexpected pass.
@@ -88,7 +95,7 @@ CASES = [
     name,
     "dp2_ep4",
     None,
-    {},
+    _recipe_overrides(name),
     id=f"{name}-dp2_ep4",
     marks=[pytest.mark.xfail(strict=True, reason=KNOWN_EXCESS[name])]
     if name in KNOWN_EXCESS
