@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from moejax import (
   checkpoint,
   cli,
+  config_lib,
   distributed,
   dry_run,
   errors,
@@ -36,7 +37,7 @@ from moejax import (
 )
 from moejax import metrics as metrics_lib
 from moejax import upcycle as upcycle_lib
-from moejax.data import pipeline
+from moejax.data import mixture, pipeline
 
 
 def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int | None = None):
@@ -52,6 +53,11 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
   """
   # ---------------------------------------------------------------- Config
   devices = jax.devices() if devices is None else list(devices)
+  config_lib.import_extensions(cfg.extensions)  # data-source kinds a project registers
+  # Bad data is refused before anything is traced or compiled.
+  pipeline.check_source(cfg.data.source, vocab_size=cfg.model.vocab_size)
+  if cfg.data.mixture.strip():
+    mixture.parse_mixture(cfg.data.mixture)
   program = training.program_for(cfg, devices)  # validates cfg; abstract, nothing allocated
   mesh, mesh_shape, rules = program.mesh, program.mesh_shape, program.rules
   if cfg.model.attention_impl == "tpu_splash" and devices[0].platform != "tpu":
@@ -60,7 +66,6 @@ def run(cfg, workdir: str, *, devices=None, progress: bool = True, stop_at: int 
       "use 'auto' (picks the kernel by platform)"
     )
   t = cfg.train
-  pipeline.check_source(cfg.data.source, vocab_size=cfg.model.vocab_size)
   workdir = paths.workdir(workdir)
   is_writer = jax.process_index() == 0
 

@@ -120,7 +120,11 @@ def test_evaluate_reads_the_runs_heldout_blocks(reference, tmp_path):
 
 def test_bad_prepared_data_stops_before_compiling(spec, tmp_path, monkeypatch):
   def no_compile(*args, **kwargs):
-    raise AssertionError("compiled before the data error")
+    # Building the program wraps functions in jax.jit (nothing traced); running one compiles.
+    def refuse(*args, **kwargs):
+      raise AssertionError("compiled before the data error")
+
+    return refuse
 
   monkeypatch.setattr(train.jax, "jit", no_compile)
   directory = spec.split(",")[0].rsplit(":", 1)[0]
