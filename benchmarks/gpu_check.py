@@ -153,21 +153,29 @@ def train_table(resize, repeats):
   cfg = resize(train_bench.load_config(str(ROOT / "configs/switch_base.py") + ":tiny"))
   cfg.model.dtype = "bfloat16"
   m, tokens = cfg.model, cfg.train.batch_size * cfg.train.seq_len
-  print(f"{m.num_layers} layers, d_model {m.d_model}, {m.moe.num_experts} experts top-"
-        f"{m.moe.top_k} of width {m.moe.d_expert}, {mfu.active_matmul_params(cfg) / 1e6:.1f}M "
-        f"active matmul parameters, {tokens} tokens per step, median of {repeats}\n")  # fmt: skip
+  print(
+    f"{m.num_layers} layers, d_model {m.d_model}, {m.moe.num_experts} experts top-"
+    f"{m.moe.top_k} of width {m.moe.d_expert}, {mfu.active_matmul_params(cfg) / 1e6:.1f}M "
+    f"active matmul parameters, {tokens} tokens per step, median of {repeats}\n"
+  )
   print("| model | tok/s | time / dense | MFU |\n|---|---|---|---|", flush=True)
   device = jax.devices()[0].device_kind
   pct = lambda x: "n/a (peak unknown)" if x is None else f"{100 * x:.1f}%"
   dense = train_bench.dense_equivalent(cfg)
   dense_s = train_bench.seconds_per_step(dense, repeats)
-  print(f"| dense twin | {tokens / dense_s:.0f} | 1.00 | "
-        f"{pct(mfu.mfu(dense, tokens / dense_s, device))} |", flush=True)  # fmt: skip
+  print(
+    f"| dense twin | {tokens / dense_s:.0f} | 1.00 | "
+    f"{pct(mfu.mfu(dense, tokens / dense_s, device))} |",
+    flush=True,
+  )
   for dispatch in DISPATCHES:
     cfg.model.moe.dispatch = dispatch
     moe_s = train_bench.seconds_per_step(cfg, repeats)
-    print(f"| {dispatch} | {tokens / moe_s:.0f} | {moe_s / dense_s:.2f} | "
-          f"{pct(mfu.mfu(cfg, tokens / moe_s, device))} |", flush=True)  # fmt: skip
+    print(
+      f"| {dispatch} | {tokens / moe_s:.0f} | {moe_s / dense_s:.2f} | "
+      f"{pct(mfu.mfu(cfg, tokens / moe_s, device))} |",
+      flush=True,
+    )
 
 
 def main(argv=None):
@@ -185,8 +193,10 @@ def main(argv=None):
 
   with section("jax.lax.ragged_dot vs a dense matmul of the same rows"):
     r = sizes.ragged
-    print(f"M {r['rows']}, K {r['k']}, N {r['n']}, {jnp.dtype(r['dtype']).name}, equal groups; "
-          "values checked against a per-group matmul\n")  # fmt: skip
+    print(
+      f"M {r['rows']}, K {r['k']}, N {r['n']}, {jnp.dtype(r['dtype']).name}, equal groups; "
+      "values checked against a per-group matmul\n"
+    )
     print("| G | ms ragged_dot | ms dense | ragged / dense | runs as |\n|---|---|---|---|---|")
     for g, ragged_ms, dense_ms, ratio, verdict in ragged_dot_vs_dense(**r):
       print(f"| {g} | {ragged_ms:.3f} | {dense_ms:.3f} | {ratio:.2f} | {verdict} |", flush=True)
@@ -196,8 +206,10 @@ def main(argv=None):
 
   with section("MoE layer / dense FFN, every dispatch (benchmarks/moe_layer.py)"):
     layer_args = argparse.Namespace(dispatches=None, **sizes.moe_layer)
-    print(f"T {layer_args.tokens}, D {layer_args.d_model}, d_ff {layer_args.d_ff}, float32, "
-          f"median of {layer_args.repeats} alternating pairs\n")  # fmt: skip
+    print(
+      f"T {layer_args.tokens}, D {layer_args.d_model}, d_ff {layer_args.d_ff}, float32, "
+      f"median of {layer_args.repeats} alternating pairs\n"
+    )
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines
       layer_rows, dense = moe_layer.run(layer_args)
     print(f"dense FFN fwd+bwd {dense['dense_ms_median']:.2f} ms\n")

@@ -21,8 +21,12 @@ def test_cpu_smoke_prints_every_section(tmp_path):
   env.pop("XLA_FLAGS", None)  # one CPU device, as on the accelerator
   proc = subprocess.run(
     ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"],
-    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-  )  # fmt: skip
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
 
@@ -37,8 +41,12 @@ def test_cpu_smoke_prints_every_section(tmp_path):
 
   layer = _table(out, "MoE layer")
   got = {(row[0], int(row[1]), int(row[2])) for row in layer}
-  want = {(d, e, k) for d in ("capacity", "dropless:blocked", "all_to_all")
-          for e in (8, 128) for k in (1, 2)}  # fmt: skip
+  want = {
+    (d, e, k)
+    for d in ("capacity", "dropless:blocked", "all_to_all")
+    for e in (8, 128)
+    for k in (1, 2)
+  }
   want |= {("dropless:ragged_dot", 8, k) for k in (1, 2)}  # ragged_dot only at small E on CPU
   assert got == want
   for row in layer:
