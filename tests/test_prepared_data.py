@@ -236,3 +236,9 @@ def _edit_index(directory, tokens=0, shard_tokens=0):
   index["shards"][0]["tokens"] += shard_tokens
   index["tokens"] += shard_tokens
   (directory / "index.json").write_text(json.dumps(index))
+
+
+def test_a_bucket_url_is_refused_in_one_line_not_read_as_a_local_folder():
+  with pytest.raises(shard_format.PreparedDataError, match=r"local or mounted folders") as e:
+    _open([("prepared:gs://bucket/web", 1.0)])
+  assert "\n" not in str(e.value) and "gs://bucket/web" in str(e.value)

@@ -81,5 +81,11 @@ def read_json(path: str, what: str):
 
 
 def directory_of(spec: str) -> str:
-  """'prepared:DIR' -> DIR (a bare DIR is returned as it is)."""
-  return spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+  """'prepared:DIR' -> DIR (a bare DIR is returned as it is); a URL is refused."""
+  directory = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
+  if "://" in directory:  # shards are memory-mapped, which needs a file system path
+    raise PreparedDataError(
+      f"{spec!r}: prepared corpora are read from local or mounted folders (the shards are "
+      "memory-mapped); copy the corpus to local disk or mount the bucket (e.g. gcsfuse)"
+    )
+  return directory
