@@ -142,6 +142,37 @@ def test_a_restore_failure_that_is_not_damage_moves_nothing(saved_run, tmp_path,
   assert not (work / "checkpoints" / checkpoint.UNREADABLE_DIR).exists()
 
 
+@pytest.mark.parametrize("other_host", ["failed", "damaged"])
+def test_hosts_agree_before_a_step_is_moved_aside(saved_run, tmp_path, other_host):
+  """Step 4 reads fine here but not on a second host (simulated through the status exchange):
+  a failure there stops every host with nothing moved; damage there makes every host fall back
+  to step 2 and move step 4 aside, as that host does."""
+  cfg, saved = saved_run
+  work = tmp_path / "run"
+  shutil.copytree(saved, work)
+  remote = {"failed": checkpoint._FAILED, "damaged": checkpoint._DAMAGED}[other_host]
+  seen = []
+
+  def two_hosts(local):
+    seen.append(local)
+    return np.asarray([local, remote if len(seen) == 1 else checkpoint._OK])
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoint, "_agree", two_hosts)
+    if other_host == "failed":
+      with pytest.raises(errors.CheckpointError, match="failed to load on another host"):
+        train.run(cfg, str(work), devices=jax.devices()[:1], progress=False)
+    else:
+      train.run(cfg, str(work), devices=jax.devices()[:1], progress=False, stop_at=4)
+  assert seen[0] == checkpoint._OK  # this host read step 4 without error
+  steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  if other_host == "failed":
+    assert steps == [2, 4] and not (work / "checkpoints" / checkpoint.UNREADABLE_DIR).exists()
+  else:  # fell back to 2, moved 4 aside, trained 3 and 4 again
+    assert steps == [2, 4] and (work / "checkpoints" / checkpoint.UNREADABLE_DIR).is_dir()
+    assert seen == [checkpoint._OK, checkpoint._OK]
+
+
 def test_damage_classification():
   assert checkpoint.is_damage(FileNotFoundError(2, "No such file or directory"))
   assert checkpoint.is_damage(ValueError("DATA_LOSS: Error reading ... Unexpected end of data"))
