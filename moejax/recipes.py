@@ -16,7 +16,7 @@ def switch_base_family(preset: str, recipe: str) -> ml_collections.ConfigDict:
 
   Full: 12 layers, d_model 768, 12 heads, d_ff 3072, GELU, MoE every other layer, 128 experts,
   top-1 Switch routing, capacity factor 1.25 (eval 2.0). `tiny`: the CPU-sized member (4 layers,
-  d_model 256, d_ff 512, 8 experts, vocab 2048, 600 steps of 16 x 128 tokens; < 10 min on 2 cores).
+  d_model 256, d_ff 512, 8 experts, vocab 2048, 600 steps of 16 x 128 tokens; CPU time: README).
   Recipes change only what their router needs, so their results compare.
 
   Args:

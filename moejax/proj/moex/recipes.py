@@ -12,7 +12,7 @@ Sizes:
 - "" (paper): 8 layers, d_model 512, 8 heads, d_ff 2048, context 1023 characters; AdamW 3e-4
   cosine to 3e-5, warmup 2000, clip 1.0; 200k stockfish self-play games. Needs accelerators.
 - "cpu": 4 layers, d_model 256, 4 heads, d_ff 1024, context 256; 10k stockfish games, 3000 steps
-  of 16 x 256 characters (about 12M characters, 1.7 epochs): hours per model on a 2-core CPU.
+  of 16 x 256 characters (about 12M characters, 1.7 epochs); its CPU time: docs/MOEX.md.
   The measured table in docs/MOEX.md is shorter: 400 steps on 5k games
   (moejax/proj/moex/experiment.sh).
 Routing groups are one position of `batch` sequences (group_layout 'position'): top-2 stays
