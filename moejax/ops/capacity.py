@@ -49,6 +49,21 @@ def exchange_to_groups(out_gecd, rules):
   return sharding.constrain(out_gecd, GROUP_BUFFER_AXES, rules)
 
 
+def check_capacity_args(capacity_factor: float, **sizes: int) -> None:
+  """ValueError unless every size (S, E, k, ...) is positive and capacity_factor > 0."""
+  if any(size <= 0 for size in sizes.values()):
+    shown = ", ".join(f"{name}={size}" for name, size in sizes.items())
+    raise ValueError(f"need positive sizes: {shown}")
+  if capacity_factor <= 0:
+    raise ValueError(f"{capacity_factor=} must be > 0")
+
+
+def ceil_slots(exact: float) -> int:
+  """ceil(exact) up to float rounding: 1.1 * 10 = 11.000000000000002 must not grant one extra
+  slot per expert."""
+  return math.ceil(exact - 1e-9)
+
+
 def token_choice_capacity(
   num_tokens: int, num_experts: int, top_k: int, capacity_factor: float
 ) -> int:
@@ -63,14 +78,8 @@ def token_choice_capacity(
   Returns:
     C, a static python int.
   """
-  if num_experts <= 0 or top_k <= 0 or num_tokens <= 0:
-    raise ValueError(f"need positive sizes: {num_tokens=}, {num_experts=}, {top_k=}")
-  if capacity_factor <= 0:
-    raise ValueError(f"{capacity_factor=} must be > 0")
-  exact = capacity_factor * num_tokens * top_k / num_experts
-  # The tolerance absorbs float rounding such as 1.1 * 10 = 11.000000000000002, which would
-  # otherwise grant one extra slot per expert.
-  return max(1, math.ceil(exact - 1e-9))
+  check_capacity_args(capacity_factor, num_tokens=num_tokens, num_experts=num_experts, top_k=top_k)
+  return max(1, ceil_slots(capacity_factor * num_tokens * top_k / num_experts))
 
 
 def compute_slots(

@@ -71,17 +71,9 @@ def route_autonomy(c_sem: jax.Array, *, top_k: int, normalize: bool = False) -> 
     aux_losses: load_balance_loss (Switch form on softmax(norms)).
     metrics: expert_load float32[E], router_entropy, mean_max_prob, mean_norm.
   """
-  num_experts = c_sem.shape[1]
-  base.check_top_k(top_k, num_experts)
   c_sem = c_sem.astype(jnp.float32)
   norm_se = jnp.sqrt(jnp.sum(jnp.square(c_sem), axis=-1) + _NORM_EPS)
-  probs_se = jax.nn.softmax(norm_se, axis=-1)
-  # Shape: [S, K], choices sorted by decreasing probability.
-  gate_sk, expert_sk = base.top_k(probs_se, top_k)
-  if normalize:
-    gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
-
-  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  probs_se, gate_sk, expert_sk, chosen_se = base.softmax_top_k(norm_se, top_k, normalize=normalize)
   metrics = {
     "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
     "router_entropy": aux_losses.router_entropy(probs_se),
@@ -152,7 +144,7 @@ class LowRankGateExperts:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutonomyOptions:
+class AutonomyOptions(base.RouterOptions):
   """Options of the `autonomy` family (`model.moe.autonomy.*`).
 
   model.moe.d_expert (F) must be set: W_up is [E, M, F].
@@ -164,14 +156,10 @@ class AutonomyOptions:
     load_balance_loss_weight: weight of the Switch balance loss on softmax(norms).
   """
 
-  d_low: int = 32
+  d_low: int = base.option(32, ge=1)
   normalize: bool = False
   init_std: float = 0.02
   load_balance_loss_weight: float = 1e-2
-
-  def __post_init__(self):
-    if self.d_low < 1:
-      raise ValueError(f"d_low={self.d_low}: must be >= 1")
 
 
 @registry.register("autonomy")

@@ -4,13 +4,16 @@ A router family is one file in this package: the pure routing function of one gr
 an `Options` dataclass (its config keys, `model.moe.<name>.<field>`), then the NNX module that
 owns its parameters, registered by name with `@registry.register`. Everything the rest of moejax
 needs to know about a family is declared on its class:
-- `Options`: a frozen dataclass; field defaults are the config defaults; `__post_init__` checks
-  the values (messages start with `field=value`). Every loss in `AUX_LOSSES` has a float option
-  `<loss>_weight`: the train step adds weight * loss.
+- `Options`: a frozen dataclass; field defaults are the config defaults. A `RouterOptions`
+  subclass declares each field's valid values with `option(default, ge=..., choices=...)` and
+  checks them on construction (messages start with `field=value`). Every loss in `AUX_LOSSES`
+  has a float option `<loss>_weight`: the train step adds weight * loss.
 - `check(options, moe)`: settings the family cannot route with (raises `errors.ConfigError`).
-- `capacity(S, capacity_factor)`: slots per expert per group for the capacity dispatches.
+- `capacity(S, capacity_factor)`: slots per expert per group for the capacity dispatches; a
+  family whose slots depend only on S, E and the factor names its rule in `CAPACITY_RULE`.
 - `causal_in_sequence(options, moe)`: whether a token's output is independent of later tokens of
-  its routing group with the 'sequence' layout (validation refuses a non-causal decoder).
+  its routing group with the 'sequence' layout (validation refuses a non-causal decoder); no by
+  default, so a family that is never causal says why in its class docstring.
 - `READS_EXPERT_WEIGHTS`: the layer passes `experts=` (its ExpertBank) to `__call__`.
 - `dispatch_experts(experts)`: what the dispatch runs on the buffers, the layer's ExpertBank by
   default; a family whose experts are not plain FFNs over the bank (Autonomy's low-rank gate)
@@ -73,6 +76,58 @@ class NoOptions:
   """The options of a family that has none."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Valid:
+  """The values an option accepts: bounds (ge/gt lower, lt upper) or a tuple of choices."""
+
+  ge: float | None = None
+  gt: float | None = None
+  lt: float | None = None
+  choices: tuple | None = None
+  note: str = ""
+
+  def problem(self, value) -> str | None:
+    """What is wrong with `value` (the end of the error message), or None. NaN fails bounds."""
+    if self.choices is not None:
+      return None if value in self.choices else f"use one of {self.choices}"
+    low_ok = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+    if low_ok and (self.lt is None or value < self.lt):
+      return None
+    if self.lt is None:
+      rule = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}"
+    elif self.ge is None and self.gt is None:
+      rule = f"< {self.lt:g}"
+    else:
+      low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}"
+      rule = f"in {low}, {self.lt:g})"
+    return f"must be {rule}" + (f" ({self.note})" if self.note else "")
+
+
+def option(default, *, ge=None, gt=None, lt=None, choices=None, note: str = ""):
+  """A `RouterOptions` field with its valid values: ge <= value, gt < value, value < lt, or
+  value in choices; `note` ends the error message (e.g. what the bound means)."""
+  valid = _Valid(ge=ge, gt=gt, lt=lt, choices=choices, note=note)
+  return dataclasses.field(default=default, metadata={"valid": valid})
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterOptions:
+  """Base of the Options dataclasses whose fields declare their valid values with `option`.
+
+  A subclass with checks that involve several fields overrides `__post_init__` and calls
+  `super().__post_init__()` first.
+  """
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      valid = field.metadata.get("valid")
+      value = getattr(self, field.name)
+      problem = None if valid is None else valid.problem(value)
+      if problem:
+        shown = repr(value) if isinstance(value, str) else value
+        raise ValueError(f"{field.name}={shown}: {problem}")
+
+
 class Router(nnx.Module):
   """Base class of the router families (see the module docstring for the contract)."""
 
@@ -83,6 +138,8 @@ class Router(nnx.Module):
   READS_TOKENS: ClassVar[bool] = False
   COMPUTES_OUTPUT: ClassVar[bool] = False
   CONSISTENCY_PASSES: ClassVar[int] = 1
+  # (S, E, capacity_factor) -> slots per expert, for `capacity`; None: no capacity rule of its own.
+  CAPACITY_RULE: ClassVar[Callable[[int, int, float], int] | None] = None
 
   @classmethod
   def check(cls, options, moe: MoESettings) -> None:
@@ -127,8 +184,27 @@ class Router(nnx.Module):
     return cls(d_model=d_model, moe=moe, options=options, rngs=rngs)
 
   def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group for the capacity dispatches."""
-    raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
+    """Slots per expert per group for the capacity dispatches (`CAPACITY_RULE` of S and E)."""
+    rule = type(self).CAPACITY_RULE
+    if rule is None:
+      raise NotImplementedError(f"router {self.NAME!r} does not use capacity dispatch")
+    return rule(num_tokens, self.num_experts, capacity_factor)
+
+  def __call__(self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None):
+    """Routes every group.
+
+    Args:
+      x_gsd: [G, S, D] tokens (any float dtype; routers compute in float32).
+      train: training (noise, random draws, training capacity) or evaluation routing.
+      rng: PRNG key of the family's training-time randomness; None where it has none.
+      (READS_TOKENS families also take `token_ids` and `sequence_ids`, int32 [G, S].)
+
+    Returns:
+      SparseRouting with [G, N] array fields (or SoftRouting with [G, S, slots] weights) and
+      group-averaged aux losses and metrics. Each family's docstring says what N is and what
+      `train` and `rng` do there.
+    """
+    raise NotImplementedError(f"router {self.NAME!r} has no __call__")
 
   def dispatch_experts(self, experts):
     """The experts the dispatch runs (`__call__(buf [G, E, C, D])` and `weights()`)."""
@@ -179,10 +255,46 @@ class DynamicTokenChoiceRouter(TokenChoiceRouter):
     return options.max_experts == 1 or moe.dispatch == "dropless"
 
 
+def need_one_expert_per_token(name: str, moe: MoESettings, why: str) -> None:
+  """errors.ConfigError unless model.moe.top_k = 1, for families that route each token to one
+  expert; `why` says so in the family's terms."""
+  if moe.top_k != 1:
+    raise errors.ConfigError(
+      f"model.moe.top_k={moe.top_k}: the {name} router {why}; set model.moe.top_k=1"
+    )
+
+
 def check_top_k(top_k: int, num_experts: int) -> None:
   """ValueError unless 1 <= top_k <= num_experts (an argument check of the pure functions)."""
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"need 1 <= {top_k=} <= {num_experts=}")
+
+
+def chosen_indicator(expert_sk: jax.Array, num_experts: int) -> jax.Array:
+  """float32 [S, E]: 1 where expert e is among token s's K choices (distinct, so the sum of the
+  K one-hots is 0/1), else 0."""
+  return jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+
+
+def softmax_top_k(scores_se: jax.Array, top_k: int, *, normalize: bool):
+  """Each token's top_k experts by p = softmax(scores) over the E experts, in float32.
+
+  Args:
+    scores_se: float[S, E] router scores (logits, norms, ...).
+    top_k: K, experts per token, 1 <= K <= E.
+    normalize: renormalise each token's K gates to sum to 1.
+
+  Returns:
+    (probs_se [S, E], gate_sk [S, K] p at the choices (renormalised with `normalize`),
+    expert_sk int[S, K] the choices by decreasing p, chosen_se [S, E] `chosen_indicator`).
+  """
+  num_experts = scores_se.shape[-1]
+  check_top_k(top_k, num_experts)
+  probs_se = jax.nn.softmax(scores_se.astype(jnp.float32), axis=-1)
+  gate_sk, expert_sk = routing_lib.top_k(probs_se, top_k)
+  if normalize:
+    gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
+  return probs_se, gate_sk, expert_sk, chosen_indicator(expert_sk, num_experts)
 
 
 def rank_major_routing(

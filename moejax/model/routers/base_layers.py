@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +53,7 @@ from flax import nnx
 from moejax import errors
 from moejax.model.routers import base, registry
 from moejax.ops import balanced_assignment
+from moejax.ops import capacity as capacity_lib
 
 
 def base_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -73,11 +73,9 @@ def base_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> 
       f"BASE layers need num_tokens (group_size) to be a positive multiple of num_experts, got "
       f"{num_tokens=}, {num_experts=}"
     )
-  if capacity_factor <= 0:
-    raise ValueError(f"{capacity_factor=} must be > 0")
+  capacity_lib.check_capacity_args(capacity_factor)
   quota = num_tokens // num_experts
-  # The tolerance absorbs float rounding such as 1.1 * 10 = 11.000000000000002.
-  return min(num_tokens, max(quota, math.ceil(capacity_factor * quota - 1e-9)))
+  return min(num_tokens, max(quota, capacity_lib.ceil_slots(capacity_factor * quota)))
 
 
 def route_base(logits_se: jax.Array, *, train: bool, num_iterations: int) -> base.SparseRouting:
@@ -125,8 +123,11 @@ def route_base(logits_se: jax.Array, *, train: bool, num_iterations: int) -> bas
   )
 
 
+_ONE_EXPERT = "assigns exactly one expert per token"
+
+
 @dataclasses.dataclass(frozen=True)
-class BaseOptions:
+class BaseOptions(base.RouterOptions):
   """Options of the `base` family (`model.moe.base.*`).
 
   Attributes:
@@ -134,37 +135,29 @@ class BaseOptions:
     init_std: standard deviation of the normal centroid init.
   """
 
-  num_iterations: int = 100
+  num_iterations: int = base.option(100, ge=0)
   init_std: float = 0.02
-
-  def __post_init__(self):
-    if self.num_iterations < 0:
-      raise ValueError(f"num_iterations={self.num_iterations}: must be >= 0")
 
 
 @registry.register("base")
 class BaseLayersRouter(base.Router):
-  """Expert centroids + balanced assignment (training) / greedy top-1 (evaluation)."""
+  """Expert centroids + balanced assignment (training) / greedy top-1 (evaluation).
+
+  Never causal in a sequence: a token's expert depends on the affinities of every token of its
+  group.
+  """
 
   Options = BaseOptions
+  CAPACITY_RULE = base_capacity
 
   @classmethod
   def check(cls, options: BaseOptions, moe: base.MoESettings) -> None:
-    if moe.top_k != 1:
-      raise errors.ConfigError(
-        f"model.moe.router='base' assigns exactly one expert per token; set model.moe.top_k=1 "
-        f"(got {moe.top_k})"
-      )
+    base.need_one_expert_per_token("base", moe, _ONE_EXPERT)
     if moe.group_size % moe.num_experts:
       raise errors.ConfigError(
         f"model.moe.router='base' needs model.moe.group_size={moe.group_size} to be a multiple "
         f"of model.moe.num_experts={moe.num_experts} (exactly S/E tokens per expert)"
       )
-
-  @classmethod
-  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
-    """Never: a token's expert depends on the affinities of every token of its group."""
-    return False
 
   @classmethod
   def decode_refusal(cls, options, moe: base.MoESettings) -> str | None:
@@ -177,31 +170,18 @@ class BaseLayersRouter(base.Router):
 
   def __init__(self, *, d_model: int, moe: base.MoESettings, options: BaseOptions, rngs: nnx.Rngs):
     """Builds the router: centroids [D, E] (`rngs.params`) and the options."""
-    if moe.top_k != 1:
-      raise ValueError(f"BASE layers assign exactly one expert per token; got {moe.top_k=}")
+    base.need_one_expert_per_token("base", moe, _ONE_EXPERT)
     self.options = options
     self.num_experts = moe.num_experts
     self.num_iterations = options.num_iterations
     # Shape: [D, E], column e = centroid w_e.
     self.centroids = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(cf * S / E) clipped to [S/E, S] (see module docstring)."""
-    return base_capacity(num_tokens, self.num_experts, capacity_factor)
-
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32); S a multiple of E.
-      train: balanced assignment (True) or greedy top-1 (False).
-      rng: unused (the routing is deterministic).
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = S) and group-averaged metrics.
-    """
+    """Routes every group of S (a multiple of E) tokens, N = S pairs: balanced assignment to
+    train, greedy top-1 to evaluate; deterministic (no rng), no aux losses."""
     del rng
     num_tokens = x_gsd.shape[1]
     if num_tokens % self.num_experts:

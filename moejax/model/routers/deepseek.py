@@ -142,7 +142,7 @@ def route_deepseek(
     gate_sk = gate_sk / jnp.maximum(jnp.sum(gate_sk, axis=-1, keepdims=True), 1e-30)
   gate_sk = gate_sk * route_scale
 
-  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  chosen_se = base.chosen_indicator(expert_sk, num_experts)
   norm_se = scores_se / jnp.sum(scores_se, axis=-1, keepdims=True)
   metrics = {
     "expert_load": jnp.mean(chosen_se, axis=0) / top_k,
@@ -176,7 +176,7 @@ def bias_update(bias_e: jax.Array, expert_index: jax.Array, valid: jax.Array, ra
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepSeekOptions:
+class DeepSeekOptions(base.RouterOptions):
   """Options of the `deepseek` family (`model.moe.deepseek.*`).
 
   Shared experts are a layer option (model.moe.num_shared_experts), not the gate's.
@@ -192,19 +192,13 @@ class DeepSeekOptions:
     sequence_balance_loss_weight: alpha of the sequence-wise balance loss (V3: 1e-4).
   """
 
-  route_scale: float = 1.0
+  route_scale: float = base.option(1.0, gt=0)
   normalize_weights: bool = True
-  bias_update_rate: float = 1e-3
+  bias_update_rate: float = base.option(1e-3, ge=0)
   num_expert_groups: int = 1
   top_expert_groups: int = 1
   init_std: float = 0.02
   sequence_balance_loss_weight: float = 1e-4
-
-  def __post_init__(self):
-    if self.route_scale <= 0:
-      raise ValueError(f"route_scale={self.route_scale}: must be > 0")
-    if self.bias_update_rate < 0:
-      raise ValueError(f"bias_update_rate={self.bias_update_rate}: must be >= 0")
 
 
 @registry.register("deepseek")
@@ -240,17 +234,13 @@ class DeepSeekRouter(base.TokenChoiceRouter):
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group; when training, then moves the bias toward balance (in place).
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: whether to update the balance bias after routing.
-      rng: unused (the gate is deterministic).
+    """Routes every group (N = S*k pairs, deterministic: no rng); when training, then moves the
+    bias toward balance (in place).
 
     Returns:
-      SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics,
-      plus batch metrics: balance_bias_max_abs (of the bias used) and load_max_over_mean
-      (the busiest expert's share of the batch's choices over the mean share).
+      Routing as `base.Router.__call__`, plus batch metrics: balance_bias_max_abs (of the bias
+      used) and load_max_over_mean (the busiest expert's share of the batch's choices over the
+      mean share).
     """
     del rng
     opts = self.options

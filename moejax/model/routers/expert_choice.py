@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ from flax import nnx
 
 from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
+from moejax.ops import capacity as capacity_lib
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -48,13 +48,9 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: f
   Returns:
     c, a static python int.
   """
-  if num_tokens <= 0 or num_experts <= 0:
-    raise ValueError(f"need positive sizes: {num_tokens=}, {num_experts=}")
-  if capacity_factor <= 0:
-    raise ValueError(f"{capacity_factor=} must be > 0")
-  # The tolerance absorbs float rounding such as 1.1 * 10 = 11.000000000000002.
+  capacity_lib.check_capacity_args(capacity_factor, num_tokens=num_tokens, num_experts=num_experts)
   exact = capacity_factor * num_tokens / num_experts
-  return min(num_tokens, max(1, math.ceil(exact - 1e-9)))
+  return min(num_tokens, max(1, capacity_lib.ceil_slots(exact)))
 
 
 def route_expert_choice(logits_se: jax.Array, *, capacity: int) -> base.SparseRouting:
@@ -121,15 +117,15 @@ class ExpertChoiceOptions:
 
 @registry.register("expert_choice")
 class ExpertChoiceRouter(base.Router):
-  """Linear router + expert-choice selection over G groups."""
+  """Linear router + expert-choice selection over G groups.
+
+  Never causal in a sequence: an expert's choice of token t depends on how much the later tokens
+  want it.
+  """
 
   Options = ExpertChoiceOptions
   AUX_LOSSES = ("router_z_loss",)
-
-  @classmethod
-  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
-    """Never: an expert's choice of token t depends on how much the later tokens want it."""
-    return False
+  CAPACITY_RULE = expert_choice_capacity
 
   def __init__(
     self, *, d_model: int, moe: base.MoESettings, options: ExpertChoiceOptions, rngs: nnx.Rngs
@@ -141,23 +137,11 @@ class ExpertChoiceRouter(base.Router):
     self.eval_capacity_factor = moe.eval_capacity_factor
     self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group = tokens each expert takes: ceil(cf * S / E) in [1, S]."""
-    return expert_choice_capacity(num_tokens, self.num_experts, capacity_factor)
-
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: selects capacity_factor (True) or eval_capacity_factor (False).
-      rng: unused (expert choice is deterministic).
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = E*c) and group-averaged losses and metrics.
-    """
+    """Routes every group, N = E*c pairs (each expert takes c = `capacity` tokens, with
+    capacity_factor to train, eval_capacity_factor to evaluate); deterministic (no rng)."""
     del rng
     cf = self.capacity_factor if train else self.eval_capacity_factor
     route = functools.partial(route_expert_choice, capacity=self.capacity(x_gsd.shape[1], cf))

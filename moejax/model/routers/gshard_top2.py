@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ from flax import nnx
 from moejax import errors
 from moejax.model.routers import base, registry
 from moejax.ops import aux_losses
+from moejax.ops import capacity as capacity_lib
 
 SECOND_EXPERT_POLICIES = ("random", "all")
 
@@ -54,13 +54,9 @@ def gshard_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
   Returns:
     C, a static python int.
   """
-  if num_tokens <= 0 or num_experts <= 0:
-    raise ValueError(f"need positive sizes: {num_tokens=}, {num_experts=}")
-  if capacity_factor <= 0:
-    raise ValueError(f"{capacity_factor=} must be > 0")
+  capacity_lib.check_capacity_args(capacity_factor, num_tokens=num_tokens, num_experts=num_experts)
   per_expert = -(-num_tokens // num_experts)  # ceil(S / E) in integers
-  # The tolerance absorbs float rounding such as 1.1 * 10 = 11.000000000000002.
-  return max(1, math.ceil(2 * per_expert * capacity_factor - 1e-9))
+  return max(1, capacity_lib.ceil_slots(2 * per_expert * capacity_factor))
 
 
 def route_gshard_top2(
@@ -119,7 +115,7 @@ def route_gshard_top2(
 
 
 @dataclasses.dataclass(frozen=True)
-class GShardOptions:
+class GShardOptions(base.RouterOptions):
   """Options of the `gshard_top2` family (`model.moe.gshard_top2.*`).
 
   Attributes:
@@ -129,25 +125,24 @@ class GShardOptions:
     router_z_loss_weight: weight of the ST-MoE router z-loss (not in the paper; 0 turns it off).
   """
 
-  second_expert_policy: str = "random"
+  second_expert_policy: str = base.option("random", choices=SECOND_EXPERT_POLICIES)
   init_std: float = 0.02
   load_balance_loss_weight: float = 1e-2
   router_z_loss_weight: float = 1e-3
 
-  def __post_init__(self):
-    if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
-      raise ValueError(
-        f"second_expert_policy={self.second_expert_policy!r} is not one of: "
-        f"{', '.join(SECOND_EXPERT_POLICIES)}"
-      )
-
 
 @registry.register("gshard_top2")
 class GShardTop2Router(base.Router):
-  """Linear router + GShard top-2 with random routing over G groups."""
+  """Linear router + GShard top-2 with random routing over G groups.
+
+  Never causal in a sequence: all first choices precede all second choices, so a later token's
+  first choice can take the slot an earlier token's second choice would have had. Use
+  group_layout 'position'.
+  """
 
   Options = GShardOptions
   AUX_LOSSES = ("load_balance_loss", "router_z_loss")
+  CAPACITY_RULE = gshard_capacity
 
   @classmethod
   def check(cls, options: GShardOptions, moe: base.MoESettings) -> None:
@@ -156,12 +151,6 @@ class GShardTop2Router(base.Router):
         f"model.moe.router='gshard_top2' routes exactly 2 of at least 2 experts; got "
         f"model.moe.top_k={moe.top_k}, model.moe.num_experts={moe.num_experts}"
       )
-
-  @classmethod
-  def causal_in_sequence(cls, options: GShardOptions, moe: base.MoESettings) -> bool:
-    """Never: all first choices precede all second choices, so a later token's first choice can
-    take the slot an earlier token's second choice would have had. Use group_layout 'position'."""
-    return False
 
   def __init__(
     self, *, d_model: int, moe: base.MoESettings, options: GShardOptions, rngs: nnx.Rngs
@@ -173,23 +162,11 @@ class GShardTop2Router(base.Router):
     self.options = options
     self.kernel = base.router_kernel(rngs, d_model, moe.num_experts, options.init_std)
 
-  def capacity(self, num_tokens: int, capacity_factor: float) -> int:
-    """Slots per expert per group: ceil(2 * ceil(S / E) * capacity_factor)."""
-    return gshard_capacity(num_tokens, self.num_experts, capacity_factor)
-
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: whether random routing applies (policy "random").
-      rng: PRNG key for random routing; may be None when not training or with policy "all".
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = 2S) and group-averaged losses and metrics.
-    """
+    """Routes every group, N = 2S pairs; `rng` draws the random routing of second choices
+    (training with policy "random"; may be None otherwise)."""
     policy = self.options.second_expert_policy
     route = functools.partial(route_gshard_top2, second_expert_policy=policy)
     logits_gse = base.router_logits(x_gsd, self.kernel[...])

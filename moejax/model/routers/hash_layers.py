@@ -202,7 +202,7 @@ def load_token_counts(path: str) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class HashOptions:
+class HashOptions(base.RouterOptions):
   """Options of the `hash` family (`model.moe.hash.*`).
 
   Attributes:
@@ -211,20 +211,17 @@ class HashOptions:
     token_counts: the .npy counts file a balanced table is built from ('' for random).
   """
 
-  table: str = "random"
-  seed: int = RANDOM_HASH_SEED
+  table: str = base.option("random", choices=TABLES)
+  seed: int = base.option(RANDOM_HASH_SEED, ge=0)
   token_counts: str = ""
 
   def __post_init__(self):
-    if self.table not in TABLES:
-      raise ValueError(f"table={self.table!r}: use one of {TABLES}")
+    super().__post_init__()
     if self.table == "balanced" and not self.token_counts:
       raise ValueError(
         "token_counts='': table='balanced' needs a counts file; write one with "
         "`python -m moejax.token_counts` and pass its path"
       )
-    if self.seed < 0:
-      raise ValueError(f"seed={self.seed}: must be >= 0")
 
 
 @registry.register("hash")
@@ -240,11 +237,9 @@ class HashRouter(base.TokenChoiceRouter):
 
   @classmethod
   def check(cls, options: HashOptions, moe: base.MoESettings) -> None:
-    if moe.top_k != 1:
-      raise errors.ConfigError(
-        f"model.moe.top_k={moe.top_k}: the hash router sends each token to one expert "
-        "(MultiHash is not implemented); set model.moe.top_k=1"
-      )
+    base.need_one_expert_per_token(
+      "hash", moe, "sends each token to one expert (MultiHash is not implemented)"
+    )
     if options.table == "balanced":
       load_token_counts(options.token_counts)
 
@@ -262,18 +257,8 @@ class HashRouter(base.TokenChoiceRouter):
     self.table = None if table_v is None else HashTable(jnp.asarray(table_v), axes=(None,))
 
   def __call__(self, x_gsd, *, train: bool, rng=None, token_ids, sequence_ids):
-    """Routes every group by its token ids.
-
-    Args:
-      x_gsd: [G, S, D] tokens (only their shape is used).
-      train: unused (training and evaluation route alike).
-      rng: unused.
-      token_ids: int32 [G, S] input ids of the group's tokens.
-      sequence_ids: unused.
-
-    Returns:
-      SparseRouting with [G, S] array fields (one pair per token, weight 1), no aux losses.
-    """
+    """Routes every group by its `token_ids` alone: N = S pairs (one per token, weight 1),
+    training and evaluation alike, no aux losses."""
     del x_gsd, train, rng, sequence_ids
     table_v = None if self.table is None else jax.lax.stop_gradient(self.table[...])
     route = functools.partial(

@@ -82,7 +82,7 @@ def route_scores(score_se: jax.Array, *, top_k: int) -> base.SparseRouting:
   num_tokens, num_experts = score_se.shape
   chosen_score_sk, expert_sk = base.top_k(score_se, top_k)
   gate_sk = jax.nn.softmax(chosen_score_sk, axis=-1)
-  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  chosen_se = base.chosen_indicator(expert_sk, num_experts)
   probs_se = jax.nn.softmax(score_se, axis=-1)
   return base.rank_major_routing(
     expert_sk,

@@ -121,7 +121,7 @@ def route_noisy_top_k(
 
 
 @dataclasses.dataclass(frozen=True)
-class NoisyTopKOptions:
+class NoisyTopKOptions(base.RouterOptions):
   """Options of the `noisy_top_k` family (`model.moe.noisy_top_k.*`).
 
   Attributes:
@@ -130,13 +130,9 @@ class NoisyTopKOptions:
     load_loss_weight: weight of CV^2(smooth load).
   """
 
-  noise_epsilon: float = 1e-2
+  noise_epsilon: float = base.option(1e-2, ge=0)
   importance_loss_weight: float = 1e-2
   load_loss_weight: float = 1e-2
-
-  def __post_init__(self):
-    if self.noise_epsilon < 0:
-      raise ValueError(f"noise_epsilon={self.noise_epsilon}: must be >= 0")
 
 
 @registry.register("noisy_top_k", aliases=("noisy_topk",))
@@ -163,16 +159,7 @@ class NoisyTopKRouter(base.TokenChoiceRouter):
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: whether the logits get noise.
-      rng: PRNG key for the noise; needed when training.
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics.
-    """
+    """Routes every group (N = S*k pairs); `rng` draws the logits' noise (needed to train)."""
     clean_gse = base.router_logits(x_gsd, self.w_gate[...])
     noise_std_gse = (
       jax.nn.softplus(base.router_logits(x_gsd, self.w_noise[...])) + self.options.noise_epsilon

@@ -241,7 +241,7 @@ QUERY_NORMS = ("batch", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
-class PeerOptions:
+class PeerOptions(base.RouterOptions):
   """Options of the `peer` family (`model.moe.peer.*`).
 
   model.moe.num_experts is the pool size E (a square R^2), model.moe.top_k the experts K each
@@ -256,24 +256,17 @@ class PeerOptions:
     token_chunk: tokens per chunk of retrieval + expert products (memory bound).
   """
 
-  num_heads: int = 8
+  num_heads: int = base.option(8, ge=1)
   query_dim: int = 64
-  query_norm: str = "batch"
-  bn_momentum: float = BN_MOMENTUM
+  query_norm: str = base.option("batch", choices=QUERY_NORMS)
+  bn_momentum: float = base.option(BN_MOMENTUM, ge=0, lt=1)
   init_std: float = 0.02
-  token_chunk: int = 512
+  token_chunk: int = base.option(512, ge=1)
 
   def __post_init__(self):
-    if self.num_heads < 1:
-      raise ValueError(f"num_heads={self.num_heads}: must be >= 1")
+    super().__post_init__()
     if self.query_dim < 2 or self.query_dim % 2:
       raise ValueError(f"query_dim={self.query_dim}: must be even and >= 2 (two halves)")
-    if self.query_norm not in QUERY_NORMS:
-      raise ValueError(f"query_norm={self.query_norm!r}: use one of {QUERY_NORMS}")
-    if not 0.0 <= self.bn_momentum < 1.0:
-      raise ValueError(f"bn_momentum={self.bn_momentum}: must be in [0, 1)")
-    if self.token_chunk < 1:
-      raise ValueError(f"token_chunk={self.token_chunk}: must be >= 1")
 
 
 @registry.register("peer")

@@ -90,23 +90,16 @@ def draw_experts(
   return jax.vmap(draw)(sequence_ids_s.astype(jnp.int32)).astype(jnp.int32)
 
 
-def route_random(
-  num_tokens: int,
-  num_experts: int,
-  rng: jax.Array,
-  *,
-  level: str = "sequence",
-  sequence_ids_s: jax.Array | None = None,
-) -> base.SparseRouting:
+def route_random(num_tokens: int, num_experts: int, rng: jax.Array, **draw) -> base.SparseRouting:
   """THOR routing of one group: one uniformly random expert per token, weight 1.
 
-  Args: as `draw_experts`.
+  Args: as `draw_experts` (`draw`: its keywords `level` and `sequence_ids_s`).
 
   Returns:
     SparseRouting with N = S pairs (pair s is token s), all valid, combine weight 1.
     aux_losses: none. metrics: expert_load float32[E] (fraction of the S tokens per expert).
   """
-  expert_s = draw_experts(num_tokens, num_experts, rng, level=level, sequence_ids_s=sequence_ids_s)
+  expert_s = draw_experts(num_tokens, num_experts, rng, **draw)
   load_e = jnp.mean(jax.nn.one_hot(expert_s, num_experts, dtype=jnp.float32), axis=0)
   weight_s1 = jnp.ones((num_tokens, 1), jnp.float32)
   return base.rank_major_routing(
@@ -134,7 +127,7 @@ class EvalKey(nnx.Variable):
 
 
 @dataclasses.dataclass(frozen=True)
-class ThorOptions:
+class ThorOptions(base.RouterOptions):
   """Options of the `random` family (`model.moe.random.*`, THOR).
 
   Attributes:
@@ -143,17 +136,9 @@ class ThorOptions:
     consistency_loss_weight: alpha of the symmetric KL between the two passes (code: 1.0).
   """
 
-  level: str = "sequence"
-  eval_choice: str = "random"
-  consistency_loss_weight: float = CONSISTENCY_WEIGHT
-
-  def __post_init__(self):
-    if self.level not in LEVELS:
-      raise ValueError(f"level={self.level!r}: use one of {LEVELS}")
-    if self.eval_choice not in EVAL_CHOICES:
-      raise ValueError(f"eval_choice={self.eval_choice!r}: use one of {EVAL_CHOICES}")
-    if self.consistency_loss_weight < 0:
-      raise ValueError(f"consistency_loss_weight={self.consistency_loss_weight}: must be >= 0")
+  level: str = base.option("sequence", choices=LEVELS)
+  eval_choice: str = base.option("random", choices=EVAL_CHOICES)
+  consistency_loss_weight: float = base.option(CONSISTENCY_WEIGHT, ge=0)
 
 
 @registry.register("random", aliases=("thor",))
@@ -185,18 +170,9 @@ class ThorRouter(base.Router):
     return num_tokens
 
   def __call__(self, x_gsd, *, train: bool, rng=None, token_ids, sequence_ids):
-    """Routes every group: random draws (train), fixed-key per-sequence draws or the ensemble.
-
-    Args:
-      x_gsd: [G, S, D] tokens (only the shape is used).
-      train: draw with `rng` at the configured level, else the evaluation choice.
-      rng: PRNG key of this layer and pass (needed to train).
-      token_ids: unused.
-      sequence_ids: int32 [G, S] global batch row of each token.
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = S, or S*E for the ensemble), no aux losses.
-    """
+    """Routes every group from its shape and `sequence_ids` (N = S pairs, S*E for the ensemble,
+    no aux losses): draws with `rng` at the configured level to train, else the evaluation
+    choice (fixed-key per-sequence draws or the ensemble)."""
     del token_ids
     num_tokens = x_gsd.shape[1]
     draw = functools.partial(route_random, num_tokens, self.num_experts)

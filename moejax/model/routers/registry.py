@@ -27,6 +27,12 @@ def register(name: str, *, aliases: tuple[str, ...] = ()):
     if not dataclasses.is_dataclass(cls.Options):
       raise TypeError(f"router {name!r}: Options must be a dataclass")
     fields = {f.name for f in dataclasses.fields(cls.Options)}
+    declared = [f.name for f in dataclasses.fields(cls.Options) if "valid" in f.metadata]
+    if declared and not issubclass(cls.Options, base.RouterOptions):
+      raise TypeError(
+        f"router {name!r}: Options declares {declared} with base.option but is "
+        "not a base.RouterOptions subclass (nothing would check them)"
+      )
     weights = [f"{loss}_weight" for loss in cls.AUX_LOSSES]
     if cls.CONSISTENCY_PASSES > 1:
       weights.append("consistency_loss_weight")

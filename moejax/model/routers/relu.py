@@ -129,7 +129,7 @@ class L1Coefficient(nnx.Variable):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReLUOptions:
+class ReLUOptions(base.RouterOptions):
   """Options of the `relu` family (`model.moe.relu.*`, ReMoE).
 
   model.moe.top_k is k of the top-k MoE replaced: the target sparsity is 1 - k/E and the capacity
@@ -143,19 +143,11 @@ class ReLUOptions:
     relu_l1_loss_weight: multiplies lambda * L (1 = the paper).
   """
 
-  max_experts: int = 4
-  l1_coef_init: float = L1_COEF_INIT
-  l1_coef_multiplier: float = L1_COEF_MULTIPLIER
+  max_experts: int = base.option(4, ge=1)
+  l1_coef_init: float = base.option(L1_COEF_INIT, gt=0)
+  l1_coef_multiplier: float = base.option(L1_COEF_MULTIPLIER, gt=1)
   init_std: float = 0.01
   relu_l1_loss_weight: float = 1.0
-
-  def __post_init__(self):
-    if self.max_experts < 1:
-      raise ValueError(f"max_experts={self.max_experts}: must be >= 1")
-    if self.l1_coef_init <= 0:
-      raise ValueError(f"l1_coef_init={self.l1_coef_init}: must be > 0")
-    if self.l1_coef_multiplier <= 1:
-      raise ValueError(f"l1_coef_multiplier={self.l1_coef_multiplier}: must be > 1")
 
 
 @registry.register("relu", aliases=("remoe",))

@@ -203,7 +203,7 @@ class MergeRouting:
 
 
 @dataclasses.dataclass(frozen=True)
-class SmearOptions:
+class SmearOptions(base.RouterOptions):
   """Options of the `smear` family (`model.moe.smear.*`).
 
   Attributes:
@@ -212,12 +212,8 @@ class SmearOptions:
     init_std: standard deviation of the normal router weight init.
   """
 
-  level: str = "causal"
+  level: str = base.option("causal", choices=LEVELS)
   init_std: float = 0.02
-
-  def __post_init__(self):
-    if self.level not in LEVELS:
-      raise ValueError(f"level={self.level!r}: use one of {LEVELS}")
 
 
 @registry.register("smear")

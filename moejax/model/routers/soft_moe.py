@@ -73,7 +73,7 @@ def route_soft(x_sd: jax.Array, phi_dn: jax.Array, scale: jax.Array) -> base.Sof
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftMoEOptions:
+class SoftMoEOptions(base.RouterOptions):
   """Options of the `soft_moe` family (`model.moe.soft_moe.*`).
 
   Attributes:
@@ -82,26 +82,18 @@ class SoftMoEOptions:
       [-scale, scale], so at 1 every softmax starts close to uniform.
   """
 
-  slots_per_expert: int = 1
-  init_scale: float = 1.0
-
-  def __post_init__(self):
-    if self.slots_per_expert <= 0:
-      raise ValueError(f"slots_per_expert={self.slots_per_expert}: must be >= 1")
-    if not self.init_scale > 0:
-      raise ValueError(f"init_scale={self.init_scale}: must be > 0")
+  slots_per_expert: int = base.option(1, ge=1)
+  init_scale: float = base.option(1.0, gt=0)
 
 
 @registry.register("soft_moe")
 class SoftMoERouter(base.Router):
-  """Learned slots Phi [D, E*P] and scale; routes G groups softly."""
+  """Learned slots Phi [D, E*P] and scale; routes G groups softly.
+
+  Never causal in a sequence: every slot is a mix of all tokens of the group, later ones included.
+  """
 
   Options = SoftMoEOptions
-
-  @classmethod
-  def causal_in_sequence(cls, options, moe: base.MoESettings) -> bool:
-    """Never: every slot is a mix of all tokens of the group, later ones included."""
-    return False
 
   def __init__(
     self, *, d_model: int, moe: base.MoESettings, options: SoftMoEOptions, rngs: nnx.Rngs
@@ -121,16 +113,7 @@ class SoftMoERouter(base.Router):
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SoftRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: unused (no noise, no capacity).
-      rng: unused.
-
-    Returns:
-      SoftRouting with [G, S, E*P] weights and group-averaged metrics.
-    """
+    """Routes every group softly: SoftRouting with [G, S, E*P] weights (train and eval alike)."""
     del train, rng
     routing = jax.vmap(route_soft, in_axes=(0, None, None))(x_gsd, self.phi[...], self.scale[...])
     return base.average_over_groups(routing)

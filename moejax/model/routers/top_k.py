@@ -47,17 +47,10 @@ def route_top_k(
     metrics: expert_load float32[E] (fraction of the S*k choices per expert, before dropping),
       router_entropy (float32 scalar).
   """
-  num_tokens, num_experts = logits_se.shape
-  base.check_top_k(top_k, num_experts)
   logits_se = logits_se.astype(jnp.float32)
-  probs_se = jax.nn.softmax(logits_se, axis=-1)
-  # Shape: [S, K], choices sorted by decreasing probability.
-  gate_sk, expert_sk = base.top_k(probs_se, top_k)
-  if normalize_weights:
-    gate_sk = gate_sk / jnp.sum(gate_sk, axis=-1, keepdims=True)
-
-  # The k chosen experts of a token are distinct, so the sum over K is a 0/1 indicator.
-  chosen_se = jnp.sum(jax.nn.one_hot(expert_sk, num_experts, dtype=jnp.float32), axis=1)
+  probs_se, gate_sk, expert_sk, chosen_se = base.softmax_top_k(
+    logits_se, top_k, normalize=normalize_weights
+  )
   losses = {
     "load_balance_loss": aux_losses.load_balance_loss(probs_se, chosen_se),
     "router_z_loss": aux_losses.router_z_loss(logits_se),
@@ -70,7 +63,7 @@ def route_top_k(
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKOptions:
+class TopKOptions(base.RouterOptions):
   """Options of the `switch` family (`model.moe.switch.*`).
 
   Attributes:
@@ -83,16 +76,12 @@ class TopKOptions:
     router_z_loss_weight: weight of the ST-MoE router z-loss.
   """
 
-  jitter_eps: float = 0.0
+  jitter_eps: float = base.option(0.0, ge=0, lt=1)
   normalize_weights: bool = False
   batch_prioritized: bool = False
   init_std: float = 0.02
   load_balance_loss_weight: float = 1e-2
   router_z_loss_weight: float = 1e-3
-
-  def __post_init__(self):
-    if not 0.0 <= self.jitter_eps < 1.0:
-      raise ValueError(f"jitter_eps={self.jitter_eps}: must be in [0, 1)")
 
 
 @registry.register("switch", aliases=("top_k",))
@@ -121,16 +110,7 @@ class TopKRouter(base.TokenChoiceRouter):
   def __call__(
     self, x_gsd: jax.Array, *, train: bool, rng: jax.Array | None = None
   ) -> base.SparseRouting:
-    """Routes every group.
-
-    Args:
-      x_gsd: [G, S, D] tokens (any float dtype; routed in float32).
-      train: whether jitter applies.
-      rng: PRNG key for the jitter; may be None when jitter is off or not training.
-
-    Returns:
-      SparseRouting with [G, N] array fields (N = S*k) and group-averaged losses and metrics.
-    """
+    """Routes every group (N = S*k pairs); `rng` draws the jitter (training with jitter_eps)."""
     x_gsd = x_gsd.astype(jnp.float32)
     eps = self.options.jitter_eps
     if train and eps > 0:

@@ -105,7 +105,7 @@ def route_top_p(
 
 
 @dataclasses.dataclass(frozen=True)
-class TopPOptions:
+class TopPOptions(base.RouterOptions):
   """Options of the `top_p` family (`model.moe.top_p.*`).
 
   model.moe.top_k is the expert budget the capacity is sized for (the paper compares to top-2):
@@ -119,17 +119,11 @@ class TopPOptions:
     load_balance_loss_weight: weight of the Switch balance loss on the kept sets (1e-2).
   """
 
-  threshold: float = TOP_P_THRESHOLD
-  max_experts: int = 4
+  threshold: float = base.option(TOP_P_THRESHOLD, ge=0, lt=1, note="0 keeps one expert")
+  max_experts: int = base.option(4, ge=1)
   init_std: float = 0.02
   dynamic_loss_weight: float = 1e-4
   load_balance_loss_weight: float = 1e-2
-
-  def __post_init__(self):
-    if not 0.0 <= self.threshold < 1.0:
-      raise ValueError(f"threshold={self.threshold}: must be in [0, 1) (0 keeps one expert)")
-    if self.max_experts < 1:
-      raise ValueError(f"max_experts={self.max_experts}: must be >= 1")
 
 
 @registry.register("top_p")
