@@ -16,6 +16,7 @@
 - The same losses on 1 and 8 devices for every dispatch and both group layouts.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import pathlib
@@ -231,8 +232,9 @@ def make_routing(expert_gn, rng, tokens_per_group: int) -> SparseRouting:
 
 
 def reference_dropless_ep(x, routing, bank, *, num_devices, expert_shards, exchange_factor):
-  """Each device (one group here) sends at most ceil(factor * M / X) pairs per destination shard,
-  in pair order; a sent pair adds weight * expert(x) to its token. Returns (y, dropped)."""
+  """Each device sends at most ceil(factor * M / X) pairs per destination shard, by token (its
+  groups in order, then the tokens of a group, then pair order); a sent pair adds
+  weight * expert(x) to its token. Returns (y, dropped)."""
   x = np.asarray(x, np.float64)
   w_in, w_out = (np.asarray(bank.w_in[...], np.float64), np.asarray(bank.w_out[...], np.float64))
   token, expert = np.asarray(routing.token_index), np.asarray(routing.expert_index)
@@ -245,17 +247,19 @@ def reference_dropless_ep(x, routing, bank, *, num_devices, expert_shards, excha
   for device in range(num_devices):
     bound = int(np.ceil(exchange_factor * per_device * pairs / expert_shards))
     sent = np.zeros(expert_shards, int)
-    for g in range(device * per_device, (device + 1) * per_device):
-      for n in range(pairs):
-        if not valid[g, n]:
-          continue
-        dest = expert[g, n] // per_shard
-        if sent[dest] >= bound:
-          dropped += 1
-          continue
-        sent[dest] += 1
-        e, t = expert[g, n], token[g, n]
-        y[g, t] += weight[g, n] * (gelu(x[g, t] @ w_in[e]) @ w_out[e])
+    own = [
+      (g, n) for g in range(device * per_device, (device + 1) * per_device) for n in range(pairs)
+    ]
+    for g, n in sorted(own, key=lambda gn: (gn[0], token[gn], gn[1])):
+      if not valid[g, n]:
+        continue
+      dest = expert[g, n] // per_shard
+      if sent[dest] >= bound:
+        dropped += 1
+        continue
+      sent[dest] += 1
+      e, t = expert[g, n], token[g, n]
+      y[g, t] += weight[g, n] * (gelu(x[g, t] @ w_in[e]) @ w_out[e])
   return y, dropped / valid.sum()
 
 
@@ -265,11 +269,11 @@ def mesh_dp2_ep4():
 
 
 def test_expert_parallel_dropless_counts_the_overflow(mesh_dp2_ep4):
-  """8 groups of 16 tokens, top-2 where most pairs want experts 0-1 (shard 0): with a bound
-  of 1.0 x the balanced share, shard 0 overflows. The dropped fraction and the output equal a
-  reference that simulates each device's send plan pair by pair. Without a factor (evaluation)
-  the bound is the device's whole pool: nothing drops (the reference at factor X = 4)."""
-  g, s, d, e, k = 8, 16, 8, 8, 2
+  """16 groups of 16 tokens (2 per device), top-2 where most pairs want experts 0-1 (shard 0):
+  with a bound of 1.0 x the balanced share, shard 0 overflows. The dropped fraction and the
+  output equal a reference that simulates each device's send plan pair by pair. Without a factor
+  (evaluation) the bound is the device's whole pool: nothing drops (the reference at X = 4)."""
+  g, s, d, e, k = 16, 16, 8, 8, 2
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
   skewed = rng.random((g, s * k)) < 0.7
@@ -296,6 +300,41 @@ def test_expert_parallel_dropless_counts_the_overflow(mesh_dp2_ep4):
       assert want_dropped > 0.05  # the case overflows
     np.testing.assert_allclose(float(stats["dropped_fraction"]), want_dropped, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(y), want_y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("skew, factor", [(0.7, 1.0), (0.4, 2.0), (0.5, 1.5)])
+def test_expert_parallel_dropless_drops_depend_only_on_earlier_tokens(mesh_dp2_ep4, skew, factor):
+  """Training drops are causal: top-2 pairs that want shard 0 with probability `skew` overflow
+  its bound (`factor` x the balanced share) somewhere in the device's pool; each device's 2
+  groups are one 32-token stretch of a sequence (group_size < seq_len). The experts of every
+  token after stream position t are drawn again: each token up to t gets exactly the same
+  output (its pairs win or lose their send slots against earlier tokens' pairs only), while
+  the later tokens' outputs change."""
+  g, s, d, e, k, t = 16, 16, 8, 8, 2, 20
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
+  draw = lambda: np.where(
+    rng.random((g, s * k)) < skew, rng.integers(0, 2, (g, s * k)), rng.integers(0, e, (g, s * k))
+  )
+  expert = draw()
+  routing = make_routing(expert, rng, s)
+  position_gs = (np.arange(g) % 2)[:, None] * s + np.arange(s)  # place in the device's stretch
+  later_gn = np.take_along_axis(position_gs, np.asarray(routing.token_index), axis=1) > t
+  redrawn = jnp.asarray(np.where(later_gn, draw(), expert), jnp.int32)
+  other = dataclasses.replace(routing, expert_index=redrawn)
+  bank = ExpertBank(e, d, 6, activation="gelu", init_std=0.5, out_std=0.5, rngs=nnx.Rngs(1))
+  fn = jax.jit(
+    functools.partial(
+      dropless_dispatch.dropless_moe, num_experts=e, rules=sharding.DEFAULT, exchange_factor=factor
+    )
+  )
+  with jax.set_mesh(mesh_dp2_ep4):
+    (y_a, stats_a), (y_b, stats_b) = fn(x, routing, bank), fn(x, other, bank)
+  assert float(stats_a["dropped_fraction"]) > 0 and float(stats_b["dropped_fraction"]) > 0
+  early = position_gs <= t
+  y_a, y_b = np.asarray(y_a), np.asarray(y_b)
+  np.testing.assert_array_equal(y_a[early], y_b[early])
+  assert np.abs(y_a[~early] - y_b[~early]).max() > 1e-2
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,14 @@
 Inside a `jax.shard_map` manual over the group axes (each device holds its own groups and, on
 the expert axis of X devices, E/X experts):
   1. the device's M valid-or-not pairs (all its groups pooled) are sorted by destination shard
-     j = expert // (E/X); the first B of each destination get a send slot, B = a static
-     bound min(M, ceil(exchange_factor * M / X)) (shapes must be static); pairs beyond it
-     overflow: they are dropped (zero output, the residual carries the token) and counted;
+     j = expert // (E/X), and within a destination by token (the device's groups in order,
+     then the tokens of a group); the first B of each destination get a send slot, B = a
+     static bound min(M, ceil(exchange_factor * M / X)) (shapes must be static); pairs beyond
+     it overflow: they are dropped (zero output, the residual carries the token) and counted.
+     Token order keeps training causal in both group layouts (a device's groups follow the
+     token stream, or the positions): whether a token's pair is dropped depends only on pairs
+     of earlier tokens, never on a later token of its sequence. (Pair order would not: it puts
+     every token's first choice before any token's second choice.);
   2. `all_to_all` over the expert axis: [X, B, D] rows (and their local expert ids) go to their
      destinations;
   3. the destination runs its E/X experts on the X * B received rows with the dropless grouped
@@ -39,15 +44,26 @@ from moejax.ops import all_to_all, dropless
 from moejax.ops import routing as routing_lib
 
 
-def send_plan(expert_m, valid_m, *, num_destinations: int, experts_per_shard: int, bound: int):
+def send_plan(
+  expert_m,
+  valid_m,
+  rank_m,
+  *,
+  num_ranks: int,
+  num_destinations: int,
+  experts_per_shard: int,
+  bound: int,
+):
   """Where each pair goes: (destination int32[M], slot int32[M], sent bool[M]).
 
-  Pairs keep their order within a destination (stable), so which pairs overflow is
-  deterministic: the later ones of this device's pool.
+  Within a destination, pairs take slots by increasing `rank_m` (int32[M] in [0, num_ranks);
+  equal ranks keep pair order), so which pairs overflow is deterministic: the highest ranks.
   """
   dest_m = (expert_m // experts_per_shard).astype(jnp.int32)
   key_m = jnp.where(valid_m, dest_m, num_destinations)  # invalid pairs sort last, never sent
-  order = jnp.argsort(key_m, stable=True)
+  if (num_destinations + 1) * num_ranks >= 2**31:  # the combined key is int32
+    raise ValueError(f"{num_ranks} ranks x {num_destinations} shards overflow int32 sort keys")
+  order = jnp.argsort(key_m * num_ranks + rank_m, stable=True)
   position_m = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   count_j = jnp.zeros((num_destinations + 1,), jnp.int32).at[key_m].add(1)
   start_j = jnp.cumsum(count_j) - count_j
@@ -81,8 +97,15 @@ def _local(
   # bound above the pool would only send empty rows.
   factor = num_shards if exchange_factor is None else exchange_factor
   bound = max(1, min(pool, math.ceil(factor * pool / num_shards)))
+  # Rank = the token's place in the device's groups (see the module docstring: causal drops).
   dest_m, slot_m, sent_m = send_plan(
-    expert_m, valid_m, num_destinations=num_shards, experts_per_shard=e_local, bound=bound
+    expert_m,
+    valid_m,
+    jnp.clip(token_m, 0, g * s - 1),
+    num_ranks=g * s,
+    num_destinations=num_shards,
+    experts_per_shard=e_local,
+    bound=bound,
   )
   # Send rows [X * B]: row dest * B + slot; overflowing pairs point past the end (dropped).
   row_m = jnp.where(sent_m, dest_m * bound + slot_m, num_shards * bound)
